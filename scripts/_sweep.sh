@@ -1,0 +1,69 @@
+# Shared by the sweep scripts (sourced, not run): argument handling, the trial listing of --dry-run and
+# the Hydra multirun launch. A script sets its defaults, calls `parse_args "$@"`, then calls
+# `sweep NAME DATASETS METHODS SHOTS SEEDS [METHOD_OVERRIDE ...]` once per multirun and `finish` at the end.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+DRY_RUN=0
+OVERRIDES=()   # extra Hydra overrides for every trial (launcher, max_iters, ...)
+TRIALS=0
+FAILED=()
+
+usage() {  # the header comment of the calling script
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+}
+
+parse_args() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help) usage; exit 0 ;;
+      -*) echo "$(basename "$0"): unknown option '$arg' (expected --dry-run, --help or Hydra overrides key=value)" >&2
+          exit 2 ;;
+      *=*) OVERRIDES+=("$arg") ;;
+      *) echo "$(basename "$0"): '$arg' is not a Hydra override (expected key=value, e.g. hydra/launcher=slurm)" >&2
+         exit 2 ;;
+    esac
+  done
+  local data_root="${DATA:-<unset: pass data_root=... or set DATA>}"
+  for arg in "${OVERRIDES[@]}"; do [[ $arg == data_root=* ]] && data_root="${arg#data_root=}"; done
+  echo "data_root: $data_root" >&2
+  if ((${#OVERRIDES[@]})); then echo "extra overrides for every trial: ${OVERRIDES[*]}" >&2; fi
+}
+
+join() { local IFS=,; echo "$*"; }
+
+# sweep NAME "DATASETS" "METHODS" "SHOTS" "SEEDS" [METHOD_OVERRIDE ...]
+# One Hydra multirun over the product DATASETS x METHODS x SHOTS x SEEDS (space-separated lists),
+# written under ${out_root}/NAME. --dry-run prints its trials instead, one per line, in launch order.
+sweep() {
+  local name="$1" dataset method shots seed n
+  local -a datasets methods shot_list seeds fixed
+  read -ra datasets <<<"$2"; read -ra methods <<<"$3"; read -ra shot_list <<<"$4"; read -ra seeds <<<"$5"
+  fixed=("${@:6}")
+  n=$((${#datasets[@]} * ${#methods[@]} * ${#shot_list[@]} * ${#seeds[@]}))
+  TRIALS=$((TRIALS + n))
+  if ((DRY_RUN)); then
+    for dataset in "${datasets[@]}"; do for method in "${methods[@]}"; do
+      for shots in "${shot_list[@]}"; do for seed in "${seeds[@]}"; do
+        echo "name=$name dataset=$dataset method=$method${fixed[*]:+ ${fixed[*]}} shots=$shots seed=$seed"
+      done; done
+    done; done
+    return
+  fi
+  local -a cmd=("$PYTHON" main.py -m "name=$name" "dataset=$(join "${datasets[@]}")"
+                "method=$(join "${methods[@]}")" "${fixed[@]}" "shots=$(join "${shot_list[@]}")"
+                "seed=$(join "${seeds[@]}")" "${OVERRIDES[@]}")
+  echo "Launching $n trials: ${cmd[*]}" >&2
+  (cd "$ROOT" && "${cmd[@]}") || FAILED+=("$name")
+}
+
+finish() {
+  echo "$TRIALS trials in all$( ((DRY_RUN)) && echo " (dry run: nothing launched)")." >&2
+  if ((${#FAILED[@]})); then
+    echo "Multiruns with failed trials: ${FAILED[*]}. Re-run the same command: finished trials are skipped." >&2
+    exit 1
+  fi
+}

@@ -1,0 +1,104 @@
+"""The sweep scripts: --dry-run trial lists (exact lines and counts), the multiruns they launch, errors."""
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ELEVEN = ("imagenet sun397 fgvc_aircraft eurosat stanford_cars food101 oxford_pets oxford_flowers caltech101 "
+          "dtd ucf101").split()
+LIST_VARS = ("DATA", "DATASETS", "METHODS", "SHOTS", "SEEDS", "NAME", "VARIANTS", "DENSITIES", "REFRESH_EVERY",
+             "METHOD", "PYTHON")
+
+
+def script(name, *args, check=True, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in LIST_VARS}
+    proc = subprocess.run(["bash", f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**clean, **env})
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+def trials(name, *args, **env):
+    return script(name, "--dry-run", *args, **env).stdout.splitlines()
+
+
+def test_main_table_lists_495_trained_and_11_zeroshot_trials():
+    proc = script("main_table.sh", "--dry-run")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 506 and len(set(lines)) == 506
+    zeroshot = [line for line in lines if "method=zeroshot" in line]
+    assert zeroshot == [f"name=main_table dataset={d} method=zeroshot shots=1 seed=1" for d in ELEVEN]
+    expected = {f"name=main_table dataset={d} method={m} shots={k} seed={s}"
+                for d in ELEVEN for m in ("so", "lora", "adam") for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
+    assert set(lines) - set(zeroshot) == expected
+    assert "506 trials in all (dry run: nothing launched)." in proc.stderr
+
+
+def test_main_table_takes_lists_and_overrides_from_the_environment():
+    proc = script("main_table.sh", "--dry-run", "max_iters=5", "data_root=/data", DATASETS="dtd eurosat",
+                  METHODS="adam zeroshot", SHOTS="2 4", SEEDS="7", NAME="mine")
+    assert proc.stdout.splitlines() == [
+        "name=mine dataset=dtd method=zeroshot shots=2 seed=7",
+        "name=mine dataset=eurosat method=zeroshot shots=2 seed=7",
+        "name=mine dataset=dtd method=adam shots=2 seed=7",
+        "name=mine dataset=dtd method=adam shots=4 seed=7",
+        "name=mine dataset=eurosat method=adam shots=2 seed=7",
+        "name=mine dataset=eurosat method=adam shots=4 seed=7"]
+    assert "data_root: /data" in proc.stderr and "extra overrides for every trial: max_iters=5 data_root=/data" in proc.stderr
+
+
+def test_main_table_launches_one_multirun_per_group():
+    proc = script("main_table.sh", "hydra/launcher=slurm", PYTHON="echo", DATASETS="dtd eurosat",
+                  METHODS="so zeroshot lora", SHOTS="1 16", SEEDS="1 2 3")
+    assert proc.stdout.splitlines() == [
+        "main.py -m name=main_table dataset=dtd,eurosat method=zeroshot shots=1 seed=1 hydra/launcher=slurm",
+        "main.py -m name=main_table dataset=dtd,eurosat method=so,lora shots=1,16 seed=1,2,3 hydra/launcher=slurm"]
+    assert "Launching 2 trials: echo main.py -m" in proc.stderr and "26 trials in all." in proc.stderr
+
+
+def test_ablations_list_one_variant_per_experiment_name():
+    lines = trials("ablations.sh")
+    assert len(lines) == 6 * 11 * 3 * 3
+    small = trials("ablations.sh", DATASETS="dtd", SHOTS="4", SEEDS="1")
+    assert small == [
+        "name=ablations/so dataset=dtd method=so shots=4 seed=1",
+        "name=ablations/grad_topk dataset=dtd method=so method.grad_selection=topk shots=4 seed=1",
+        "name=ablations/moment_random dataset=dtd method=so method.moment_selection=random shots=4 seed=1",
+        "name=ablations/moment_dense dataset=dtd method=so method.moment_selection=dense shots=4 seed=1",
+        "name=ablations/support_static dataset=dtd method=so method.support=static shots=4 seed=1",
+        "name=ablations/no_momentum dataset=dtd method=so method.momentum=false shots=4 seed=1"]
+    proc = script("ablations.sh", PYTHON="echo", VARIANTS="no_momentum", DATASETS="dtd ucf101", SHOTS="1 4")
+    assert proc.stdout.splitlines() == [
+        "main.py -m name=ablations/no_momentum dataset=dtd,ucf101 method=so method.momentum=false shots=1,4 seed=1,2,3"]
+
+
+def test_sensitivity_lists_the_density_by_refresh_grid():
+    lines = trials("sensitivity.sh")
+    assert len(lines) == 5 * 5 * 3 * 1 * 3
+    assert lines[0] == ("name=sensitivity/density1e-5_refresh1 dataset=dtd method=so method.density=1e-5 "
+                        "method.refresh_every=1 shots=4 seed=1")
+    small = trials("sensitivity.sh", DENSITIES="5e-4 1e-3", REFRESH_EVERY="10", DATASETS="dtd", SEEDS="2")
+    assert small == [
+        "name=sensitivity/density5e-4_refresh10 dataset=dtd method=so method.density=5e-4 method.refresh_every=10 shots=4 seed=2",
+        "name=sensitivity/density1e-3_refresh10 dataset=dtd method=so method.density=1e-3 method.refresh_every=10 shots=4 seed=2"]
+
+
+def test_help_and_bad_arguments():
+    for name in ("main_table.sh", "ablations.sh", "sensitivity.sh"):
+        proc = script(name, "--help")
+        assert proc.stdout.splitlines()[0] and f"Usage: scripts/{name} [--dry-run]" in proc.stdout
+        assert "#" not in proc.stdout.split("Usage")[0]
+        bad = script(name, "--dry-rn", check=False)
+        assert bad.returncode == 2 and "unknown option '--dry-rn'" in bad.stderr and bad.stdout == ""
+        bad = script(name, "dtd", check=False)
+        assert bad.returncode == 2 and "'dtd' is not a Hydra override (expected key=value" in bad.stderr
+    bad = script("ablations.sh", "--dry-run", VARIANTS="so no_such", check=False)
+    assert bad.returncode == 2 and "unknown variant 'no_such' in VARIANTS" in bad.stderr and bad.stdout == ""
+
+
+def test_a_failed_multirun_is_reported_and_the_others_still_run():
+    proc = script("ablations.sh", PYTHON="false", VARIANTS="so no_momentum", DATASETS="dtd", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("Launching") == 2
+    assert "Multiruns with failed trials: ablations/so ablations/no_momentum. Re-run the same command" in proc.stderr
