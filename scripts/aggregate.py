@@ -1,0 +1,186 @@
+"""Aggregate every results.json under a folder into the paper's tables and plots.
+
+    python scripts/aggregate.py RESULTS_FOLDER [OUT_FOLDER]      (OUT_FOLDER defaults to RESULTS_FOLDER/aggregate)
+
+Writes to OUT_FOLDER:
+- tables.md and table_<K>shot.csv: one table per shot count, rows = methods (or, when the folder holds
+  several experiment names, e.g. outputs/ablations, the names), columns = datasets + Average, cells
+  "mean ± std" of top-1 over seeds (sample std, ddof=1; a single seed shows the mean only). Average is
+  the mean over datasets per seed, then mean ± std over the seeds that have every dataset.
+  Zero-shot trials (method zeroshot) train nothing: they fill the zeroshot row of every shot table.
+- summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds).
+- accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
+- missing.txt: trials of the expected grid (every row x dataset x shots x seed seen, zero-shot once per
+  dataset) without a results.json, one per line as Hydra overrides; duplicates.txt: results.json files
+  that repeat a trial (same name, dataset, method, shots, seed); the first path in sorted order is used.
+Two positional arguments need no parser, and a Hydra app would add its own output folders and logging.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PAPER_ORDER = ["imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars", "food101", "oxford_pets",
+               "oxford_flowers", "caltech101", "dtd", "ucf101"]
+KEY = ["name", "dataset", "method", "shots", "seed"]
+ZEROSHOT = "zeroshot"
+
+
+def load(folder):
+    """One row per results.json: the trial key, top1 and the file's path."""
+    paths = sorted(Path(folder).rglob("results.json"))
+    if not paths:
+        raise SystemExit(f"aggregate.py: no results.json under {folder}")
+    rows = []
+    for path in paths:
+        res = json.loads(path.read_text())
+        missing = [k for k in KEY + ["top1"] if k not in res]
+        if missing:
+            raise SystemExit(f"aggregate.py: {path} lacks {', '.join(missing)} (expected a results.json of main.py)")
+        rows.append({**{k: res[k] for k in KEY + ["top1"]}, "path": str(path)})
+    return pd.DataFrame(rows)
+
+
+def label_rows(df):
+    """Row label: the method when one experiment name, else the name (minus the shared prefix)."""
+    if df["name"].nunique() == 1:
+        return df["method"]
+    prefix = os.path.commonpath(list(df["name"].unique()))
+    names = df["name"].str.slice(len(prefix) + 1 if prefix else 0)
+    if (df.groupby("name")["method"].nunique() == 1).all():
+        return names
+    return names + " " + df["method"]
+
+
+def expected_grid(df):
+    """The trials the grid implies: zero-shot once per (row, dataset), the others at every shots x seed."""
+    trained = df[df["method"] != ZEROSHOT]
+    rows = df[["row", "name", "method"]].drop_duplicates()
+    zs = rows["method"] == ZEROSHOT
+    grid = rows[~zs].merge(df[["dataset"]].drop_duplicates(), how="cross")
+    grid = grid.merge(trained[["shots"]].drop_duplicates(), how="cross").merge(df[["seed"]].drop_duplicates(), how="cross")
+    zs_grid = rows[zs].merge(df[["dataset"]].drop_duplicates(), how="cross")
+    zs_done = df[df["method"] == ZEROSHOT]
+    zs_grid = zs_grid.assign(shots=zs_done["shots"].min(), seed=zs_done["seed"].min())
+    return grid, zs_grid
+
+
+def missing_trials(df):
+    grid, zs_grid = expected_grid(df)
+    lost = grid.merge(df[KEY], how="left", on=KEY, indicator=True).query("_merge == 'left_only'")
+    zs_have = df.loc[df["method"] == ZEROSHOT, ["name", "dataset"]].drop_duplicates()
+    zs_lost = zs_grid.merge(zs_have, how="left", on=["name", "dataset"], indicator=True).query("_merge == 'left_only'")
+    both = pd.concat([zs_lost, lost])
+    return [f"name={r.name} dataset={r.dataset} method={r.method} shots={r.shots} seed={r.seed}"
+            for r in both.itertuples()]
+
+
+def per_shot_scores(df):
+    """top1 per (shots, row, dataset, seed), the zero-shot rows repeated for every shot count."""
+    trained = df[df["method"] != ZEROSHOT]
+    zeroshot = df[df["method"] == ZEROSHOT].groupby(["row", "dataset", "seed"], as_index=False)["top1"].mean()
+    shot_counts = sorted(int(k) for k in (trained if len(trained) else df)["shots"].unique())
+    repeated = [zeroshot.assign(shots=k) for k in shot_counts]
+    return pd.concat([trained[["shots", "row", "dataset", "seed", "top1"]], *repeated], ignore_index=True)
+
+
+def summarize(scores, datasets):
+    """Long table: mean, std and seed count per (shots, row, dataset), plus the Average column."""
+    stats = scores.groupby(["shots", "row", "dataset"])["top1"].agg(mean="mean", std="std", seeds="count")
+    per_seed = scores.pivot_table(index=["shots", "row", "seed"], columns="dataset", values="top1")
+    complete = per_seed.reindex(columns=datasets).dropna()
+    average = complete.mean(axis=1).groupby(["shots", "row"]).agg(mean="mean", std="std", seeds="count")
+    average = average.assign(dataset="Average").set_index("dataset", append=True)
+    return pd.concat([stats, average]).reset_index().sort_values(["shots", "row"], kind="stable", ignore_index=True)
+
+
+def cell(r):
+    if pd.isna(r["mean"]):
+        return ""
+    return f"{r['mean']:.2f}" if pd.isna(r["std"]) else f"{r['mean']:.2f} ± {r['std']:.2f}"
+
+
+def row_order(rows):
+    return sorted(rows, key=lambda r: (r != ZEROSHOT, r))
+
+
+def tables(summary, datasets):
+    """{shots: DataFrame} of "mean ± std" strings, rows x (datasets + Average)."""
+    out = {}
+    for shots, part in summary.groupby("shots"):
+        table = part.assign(cell=part.apply(cell, axis=1)).pivot(index="row", columns="dataset", values="cell")
+        table = table.reindex(index=row_order(table.index), columns=datasets + ["Average"]).fillna("")
+        out[int(shots)] = table.rename_axis(index="method", columns=None)
+    return out
+
+
+def plot(summary, datasets, path):
+    panels = datasets + ["Average"]
+    rows = row_order(summary["row"].unique())
+    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
+    shots = sorted(summary["shots"].unique())
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.4 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, dataset in zip(axes.flat, panels):
+        part = summary[summary["dataset"] == dataset]
+        for row in rows:
+            line = part[part["row"] == row].sort_values("shots")
+            std = line["std"].fillna(0)
+            ax.plot(line["shots"], line["mean"], color=colors[row], label=row,
+                    **(dict(linestyle="--") if row == ZEROSHOT else dict(marker="o")))
+            ax.fill_between(line["shots"], line["mean"] - std, line["mean"] + std, color=colors[row], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set(title=dataset, xlabel="shots", ylabel="top-1 (%)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colors[row], linestyle="--" if row == ZEROSHOT else "-",
+                          marker="" if row == ZEROSHOT else "o") for row in rows]
+    fig.legend(handles, rows, loc="lower center", ncol=min(6, len(rows)))
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * -(-len(rows) // 6), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) not in (2, 3) or argv[1] in ("-h", "--help"):
+        raise SystemExit(__doc__)
+    folder = Path(argv[1])
+    if not folder.is_dir():
+        raise SystemExit(f"aggregate.py: results folder {folder} does not exist")
+    out = Path(argv[2]) if len(argv) == 3 else folder / "aggregate"
+    out.mkdir(parents=True, exist_ok=True)
+
+    df = load(folder)
+    repeated = df[df.duplicated(KEY, keep=False)]
+    df = df.drop_duplicates(KEY).assign(row=lambda d: label_rows(d))
+    seen = set(df["dataset"])
+    datasets = [d for d in PAPER_ORDER if d in seen] + sorted(seen - set(PAPER_ORDER))
+
+    summary = summarize(per_shot_scores(df), datasets)
+    summary.to_csv(out / "summary.csv", index=False)
+    markdown = []
+    for shots, table in tables(summary, datasets).items():
+        table.to_csv(out / f"table_{shots}shot.csv")
+        markdown.append(f"## {shots}-shot\n\n{table.to_markdown()}\n")
+    (out / "tables.md").write_text("\n".join(markdown))
+    plot(summary, datasets, out / "accuracy_vs_shots.png")
+    missing = missing_trials(df)
+    (out / "missing.txt").write_text("".join(line + "\n" for line in missing))
+    (out / "duplicates.txt").write_text("".join(p + "\n" for p in repeated["path"]))
+
+    print("\n".join(markdown))
+    print(f"{len(df)} trials, {len(missing)} missing (missing.txt), {len(repeated)} files in duplicated trials "
+          f"(duplicates.txt). Re-running the sweep script launches only the missing trials.")
+    print(f"Wrote tables.md, table_<K>shot.csv, summary.csv, accuracy_vs_shots.png to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,121 @@
+"""scripts/aggregate.py on results.json files written here: tables, numbers, missing and duplicate trials."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(out, name, dataset, method, shots, seed, top1):
+    path = out / name / dataset / method / f"{shots}shot" / f"seed{seed}" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": name, "dataset": dataset, "method": method, "shots": shots,
+                                "seed": seed, "top1": top1, "zeroshot_top1": 1.0}))
+    return path
+
+
+def aggregate_cli(*args):
+    proc = subprocess.run([sys.executable, "scripts/aggregate.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+_spec = importlib.util.spec_from_file_location("aggregate", ROOT / "scripts" / "aggregate.py")
+aggregate_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(aggregate_module)
+
+
+def aggregate(capsys, *args):
+    """In-process (fast): returns stdout."""
+    aggregate_module.main(["aggregate.py", *map(str, args)])
+    return capsys.readouterr().out
+
+
+def aggregate_error(*args):
+    with pytest.raises(SystemExit) as exc:
+        aggregate_module.main(["aggregate.py", *map(str, args)])
+    return str(exc.value)
+
+
+@pytest.fixture
+def main_table(tmp_path):
+    """dtd and eurosat; zero-shot once; adam and so at 1 and 2 shots x seeds 1-3, one trial missing.
+    top1 = base + method offset + shots + seed, so every mean and std is known."""
+    out = tmp_path / "out"
+    for dataset, base in (("dtd", 40.0), ("eurosat", 60.0)):
+        write(out, "main_table", dataset, "zeroshot", 1, 1, base)
+        for method, offset in (("adam", 1.0), ("so", 5.0)):
+            for shots in (1, 2):
+                for seed in (1, 2, 3):
+                    if (dataset, method, shots, seed) != ("eurosat", "so", 2, 3):
+                        write(out, "main_table", dataset, method, shots, seed, base + offset + shots + seed)
+    return out
+
+
+def test_tables_have_rows_columns_means_and_stds(main_table, tmp_path):
+    stdout = aggregate_cli(main_table, tmp_path / "agg")
+    agg = tmp_path / "agg"
+    assert sorted(p.name for p in agg.iterdir()) == [
+        "accuracy_vs_shots.png", "duplicates.txt", "missing.txt", "summary.csv", "table_1shot.csv",
+        "table_2shot.csv", "tables.md"]
+    one = pd.read_csv(agg / "table_1shot.csv", index_col="method", keep_default_na=False)
+    assert list(one.index) == ["zeroshot", "adam", "so"]
+    assert list(one.columns) == ["eurosat", "dtd", "Average"]  # the paper's dataset order
+    assert one.loc["adam"].tolist() == ["64.00 ± 1.00", "44.00 ± 1.00", "54.00 ± 1.00"]
+    assert one.loc["so"].tolist() == ["68.00 ± 1.00", "48.00 ± 1.00", "58.00 ± 1.00"]
+    assert one.loc["zeroshot"].tolist() == ["60.00", "40.00", "50.00"]  # one trial: no std
+    two = pd.read_csv(agg / "table_2shot.csv", index_col="method", keep_default_na=False)
+    assert two.loc["zeroshot"].tolist() == ["60.00", "40.00", "50.00"]  # zero-shot fills every shot table
+    # eurosat so 2-shot has seeds 1 and 2 only: mean 68.5, std 0.71; Average over the complete seeds 1, 2
+    assert two.loc["so"].tolist() == ["68.50 ± 0.71", "49.00 ± 1.00", "58.50 ± 0.71"]
+    assert "## 1-shot" in stdout and "| adam     | 64.00 ± 1.00 |" in stdout
+    assert (agg / "tables.md").read_text().count("| so ") == 2
+
+    summary = pd.read_csv(agg / "summary.csv")
+    assert list(summary.columns) == ["shots", "row", "dataset", "mean", "std", "seeds"]
+    assert len(summary) == 2 * 3 * 3  # shots x rows x (datasets + Average)
+    so2 = summary.query("shots == 2 and row == 'so' and dataset == 'eurosat'").iloc[0]
+    assert (so2["mean"], round(so2["std"], 4), so2["seeds"]) == (68.5, 0.7071, 2)
+
+
+def test_missing_and_duplicate_trials_are_listed(main_table, tmp_path, capsys):
+    write(main_table / "old", "main_table", "dtd", "adam", 1, 1, 0.0)  # repeats a trial; sorts last: ignored
+    shutil.rmtree(main_table / "main_table" / "dtd" / "zeroshot")
+    stdout = aggregate(capsys, main_table, tmp_path / "agg")
+    assert (tmp_path / "agg" / "missing.txt").read_text().splitlines() == [
+        "name=main_table dataset=dtd method=zeroshot shots=1 seed=1",
+        "name=main_table dataset=eurosat method=so shots=2 seed=3"]
+    duplicates = (tmp_path / "agg" / "duplicates.txt").read_text().splitlines()
+    assert sorted(Path(p).relative_to(main_table).as_posix() for p in duplicates) == [
+        "main_table/dtd/adam/1shot/seed1/results.json", "old/main_table/dtd/adam/1shot/seed1/results.json"]
+    assert "2 missing" in stdout and "2 files in duplicated trials" in stdout
+    one = pd.read_csv(tmp_path / "agg" / "table_1shot.csv", index_col="method", keep_default_na=False)
+    assert one.loc["adam", "dtd"] == "44.00 ± 1.00" and one.loc["zeroshot"].tolist() == ["60.00", "", ""]
+
+
+def test_experiment_names_become_rows_without_their_shared_folder(tmp_path, capsys):
+    out = tmp_path / "ablations"
+    for variant, offset in (("so", 2.0), ("grad_topk", 0.0)):
+        for seed in (1, 2):
+            write(out, f"ablations/{variant}", "dtd", "so", 4, seed, 50.0 + offset + seed)
+    aggregate(capsys, out)  # default output folder: <results folder>/aggregate
+    table = pd.read_csv(out / "aggregate" / "table_4shot.csv", index_col="method", keep_default_na=False)
+    assert list(table.index) == ["grad_topk", "so"] and list(table.columns) == ["dtd", "Average"]
+    assert table.loc["so", "dtd"] == "53.50 ± 0.71" and table.loc["grad_topk", "Average"] == "51.50 ± 0.71"
+
+
+def test_bad_input_names_the_folder_or_file(tmp_path):
+    assert "nowhere does not exist" in aggregate_error(tmp_path / "nowhere")
+    assert f"no results.json under {tmp_path}" in aggregate_error(tmp_path)
+    bad = tmp_path / "x" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"dataset": "dtd", "top1": 1.0}))
+    assert f"{bad} lacks name, method, shots, seed" in aggregate_error(tmp_path)
+    assert "RESULTS_FOLDER [OUT_FOLDER]" in aggregate_error()
