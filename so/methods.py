@@ -1,0 +1,170 @@
+"""Methods: which parameters of CLIP train, and with which optimizer. One small factory per kind.
+
+    so        SO (so/optim.py) on the chosen attention/MLP weights, optionally stepped inside backward
+    adam      torch Adam on the same weights (the dense baseline)
+    lora      CLIP-LoRA adapters on q, k, v (and o) of the chosen blocks, AdamW; `dora: true` for DoRA
+    zeroshot  nothing trains
+
+The harness runs the loop: loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True).
+"""
+import inspect
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from so.lora import add_adapters
+from so.optim import SO, step_in_backward
+
+TOWERS = {"text": ["transformer"], "vision": ["visual.transformer"],
+          "both": ["visual.transformer", "transformer"]}
+POSITIONS = {"all": None, "bottom": range(0, 4), "mid": range(4, 8), "up": range(8, 12),
+             "half-bottom": range(0, 6), "half-up": range(6, 12), "top3": range(9, 12)}  # None: every block
+WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class Method:
+    name: str                                    # cfg.method.name, as written in results.json
+    optimizer: torch.optim.Optimizer | None      # None for zeroshot
+    trainable: dict[str, torch.nn.Parameter]     # what trains, named as in model.named_parameters()
+    step_hooks: object | None = None             # step_in_backward handle (SO); .remove() detaches it
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.trainable.values())
+
+
+def build_method(cfg_method, model, lr, seed):
+    """Freeze `model`, add adapters if the method has them, mark what trains and build its optimizer.
+    `lr` is the trial's (top-level) lr; `seed` seeds SO's support draws."""
+    cfg = OmegaConf.to_container(cfg_method, resolve=True) if isinstance(cfg_method, DictConfig) \
+        else dict(cfg_method)
+    name, kind = cfg.pop("name", None), cfg.pop("kind", None)
+    cfg.pop("lr", None)  # read by the top-level config; the resolved value arrives as `lr`
+    if not name:
+        raise ValueError("method.name is missing: every configs/method/*.yaml names its method.")
+    if kind not in BUILDERS:
+        raise ValueError(f"method.kind={kind!r}: expected one of {list(BUILDERS)}.")
+    model.requires_grad_(False)
+    return BUILDERS[kind](name, cfg, model, lr, seed)
+
+
+def select_blocks(model, encoder, position):
+    """Names of the residual blocks chosen by method.encoder and method.position."""
+    if encoder not in TOWERS:
+        raise ValueError(f"method.encoder={encoder!r}: expected one of {list(TOWERS)}.")
+    if position not in POSITIONS:
+        raise ValueError(f"method.position={position!r}: expected one of {list(POSITIONS)}.")
+    blocks = []
+    for tower in TOWERS[encoder]:
+        depth = len(model.get_submodule(tower).resblocks)
+        indices = POSITIONS[position] or range(depth)
+        if indices[-1] >= depth:
+            raise ValueError(f"method.position={position!r} needs blocks {indices[0]}-{indices[-1]}, "
+                             f"but {tower} has {depth} blocks.")
+        blocks += [f"{tower}.resblocks.{i}" for i in indices]
+    return blocks
+
+
+def select_weights(model, encoder, position):
+    """The SO/Adam trainable set: the four attention/MLP weight matrices of each chosen block."""
+    params = dict(model.named_parameters())
+    trainable = {f"{block}.{w}": params[f"{block}.{w}"]
+                 for block in select_blocks(model, encoder, position) for w in WEIGHTS}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return trainable
+
+
+def _check_keys(cfg, kind, required, optional=()):
+    missing = [k for k in required if k not in cfg]
+    unknown = [k for k in cfg if k not in required and k not in optional]
+    if missing or unknown:
+        raise ValueError(f"method (kind {kind}): missing keys {missing}, unknown keys {unknown}; "
+                         f"expected {list(required) + sorted(optional)}.")
+
+
+def _fast_path(params):
+    """fused on CUDA, foreach elsewhere (torch.optim's own implementations)."""
+    return {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
+
+
+def _build_so(name, cfg, model, lr, seed):
+    so_args = set(inspect.signature(SO).parameters) - {"params", "lr", "generator"}
+    _check_keys(cfg, "so", ("encoder", "position", "step_in_backward"), so_args)
+    trainable = select_weights(model, cfg.pop("encoder"), cfg.pop("position"))
+    in_backward = cfg.pop("step_in_backward")
+    if "betas" in cfg:
+        cfg["betas"] = tuple(cfg["betas"])
+    params = list(trainable.values())
+    generator = torch.Generator(params[0].device).manual_seed(seed)
+    optimizer = SO(params, lr=lr, generator=generator, **cfg)
+    hooks = step_in_backward(params, optimizer) if in_backward else None
+    return Method(name, optimizer, trainable, hooks)
+
+
+def _build_adam(name, cfg, model, lr, seed):
+    _check_keys(cfg, "adam", ("encoder", "position", "betas", "weight_decay"))
+    trainable = select_weights(model, cfg["encoder"], cfg["position"])
+    params = list(trainable.values())
+    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(cfg["betas"]),
+                                 weight_decay=cfg["weight_decay"], **_fast_path(params))
+    return Method(name, optimizer, trainable)
+
+
+def _build_lora(name, cfg, model, lr, seed):
+    _check_keys(cfg, "lora", ("encoder", "position", "targets", "rank", "alpha", "dropout", "dora",
+                              "betas", "weight_decay"))
+    if not (isinstance(cfg["rank"], int) and cfg["rank"] > 0):
+        raise ValueError(f"method.rank={cfg['rank']!r}: expected a positive integer.")
+    if not 0 <= cfg["dropout"] < 1:
+        raise ValueError(f"method.dropout={cfg['dropout']!r}: expected a probability in [0, 1).")
+    add_adapters(model, select_blocks(model, cfg["encoder"], cfg["position"]), cfg["targets"],
+                 rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"], dora=cfg["dora"])
+    model.requires_grad_(False)
+    trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    params = [p.requires_grad_(True) for p in trainable.values()]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg["betas"]),
+                                  weight_decay=cfg["weight_decay"], **_fast_path(params))
+    return Method(name, optimizer, trainable)
+
+
+def _build_zeroshot(name, cfg, model, lr, seed):
+    _check_keys(cfg, "zeroshot", ())
+    return Method(name, None, {})
+
+
+BUILDERS = {"so": _build_so, "adam": _build_adam, "lora": _build_lora, "zeroshot": _build_zeroshot}
+
+
+def save_trained(method, model, path):
+    """Write only what the method trained (trainable tensors or adapter weights) to one file."""
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().cpu() for n in method.trainable}
+    torch.save({"method": method.name, "tensors": tensors}, path)
+
+
+def load_trained(method, model, path):
+    """Load a save_trained file into `model`, which build_method has prepared for the same method."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no trained weights here (run with save=true first).") from None
+    if not isinstance(saved, dict) or saved.keys() != {"method", "tensors"}:
+        raise ValueError(f"{path}: not a file written by save_trained.")
+    if saved["method"] != method.name:
+        raise ValueError(f"{path}: holds method {saved['method']!r}, expected {method.name!r}.")
+    tensors, params = saved["tensors"], dict(model.named_parameters())
+    missing = sorted(method.trainable.keys() - tensors.keys())
+    unknown = sorted(tensors.keys() - method.trainable.keys())
+    if missing or unknown:
+        raise ValueError(f"{path}: does not match method {method.name!r}: missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unknown[:3]} ({len(unknown)}).")
+    wrong = [n for n, t in tensors.items() if t.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"{path}: shape mismatch for {wrong[:3]} ({len(wrong)}), e.g. {wrong[0]}: "
+                         f"file {tuple(tensors[wrong[0]].shape)}, model {tuple(params[wrong[0]].shape)}.")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
