@@ -1,0 +1,247 @@
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from so.lora import SplitAttention
+from so.methods import build_method, load_trained, save_trained, select_weights
+from so.model import build_clip, encode_text, tokenize
+
+METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
+BLOCKS = {"all": list(range(12)), "bottom": [0, 1, 2, 3], "mid": [4, 5, 6, 7], "up": [8, 9, 10, 11],
+          "half-bottom": [0, 1, 2, 3, 4, 5], "half-up": [6, 7, 8, 9, 10, 11], "top3": [9, 10, 11]}
+TOWERS = {"vision": ["visual.transformer"], "text": ["transformer"],
+          "both": ["visual.transformer", "transformer"]}
+PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a small red bird."]
+
+
+def method_cfg(name, *overrides):
+    with initialize_config_dir(config_dir=str(METHOD_DIR.parent), version_base="1.3"):
+        return compose(overrides=[f"+method={name}", *overrides]).method
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, _, tokenizer = build_clip("so-tiny")
+    tokens = tokenize(tokenizer, PROMPTS, "cpu")
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, tokens, images, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def fresh(tiny):
+    return copy.deepcopy(tiny[0])
+
+
+def outputs(model, tiny):
+    model.eval()
+    with torch.enable_grad():  # no nn.MultiheadAttention inference fast path: same kernels as training
+        text, image = encode_text(model, tiny[1]), model.encode_image(tiny[2])
+    return torch.cat([text.flatten(), image.flatten()]).detach()
+
+
+def train_step(model, method, tiny):
+    _, tokens, images, labels = tiny
+    model.train()
+    image_features = F.normalize(model.encode_image(images), dim=-1)
+    loss = F.cross_entropy(100 * image_features @ encode_text(model, tokens).T, labels)
+    loss.backward()
+    method.optimizer.step()
+    method.optimizer.zero_grad(set_to_none=True)
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def test_configs_compose_with_their_defaults():
+    assert OmegaConf.load(METHOD_DIR / "so.yaml").density == 5e-4
+    cli = method_cfg("so_reference_cli")
+    assert (cli.name, cli.kind, cli.density, cli.refresh_every) == ("so_reference_cli", "so", 5e-5, 5)
+    assert (cli.lr, cli.grad_selection, cli.step_in_backward) == (2e-4, "random", True)  # from so.yaml
+    dora = method_cfg("dora")
+    assert (dora.name, dora.kind, dora.dora) == ("dora", "lora", True)
+    assert (dora.rank, dora.alpha, dora.dropout, dora.weight_decay) == (2, 1, 0.25, 1e-2)  # from lora.yaml
+
+
+@pytest.mark.parametrize("encoder", list(TOWERS))
+def test_selection_for_every_encoder_and_position(tiny, encoder):
+    model = fresh(tiny)
+    for position, blocks in BLOCKS.items():
+        model.requires_grad_(False)
+        chosen = select_weights(model, encoder, position)
+        expected = {f"{tower}.resblocks.{i}.{w}" for tower in TOWERS[encoder] for i in blocks
+                    for w in ("attn.in_proj_weight", "attn.out_proj.weight",
+                              "mlp.c_fc.weight", "mlp.c_proj.weight")}
+        assert set(chosen) == expected
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+        # width 64: in_proj 3*64*64 + out_proj 64*64 + c_fc and c_proj 2*64*256 per block
+        assert sum(p.numel() for p in chosen.values()) == len(TOWERS[encoder]) * len(blocks) * 49152
+
+
+def test_invalid_settings_name_the_key(tiny):
+    model = fresh(tiny)
+    with pytest.raises(ValueError, match=r"method.encoder='image'.*text.*vision.*both"):
+        build_method(method_cfg("adam", "method.encoder=image"), model, 1e-3, 0)
+    with pytest.raises(ValueError, match=r"method.position='top2'.*half-up"):
+        build_method(method_cfg("adam", "method.position=top2"), model, 1e-3, 0)
+    with pytest.raises(ValueError, match=r"unknown keys \['rank'\]"):
+        build_method(method_cfg("adam", "+method.rank=2"), model, 1e-3, 0)
+    with pytest.raises(ValueError, match=r"method.kind='sgd'"):
+        build_method({"name": "sgd", "kind": "sgd"}, model, 1e-3, 0)
+    with pytest.raises(ValueError, match=r"method.targets=\['q', 'x'\]"):
+        build_method(method_cfg("lora", "method.targets=[q,x]"), model, 1e-3, 0)
+
+
+def test_vit_b16_trainable_counts():
+    model = build_clip("ViT-B-16-quickgelu")[0]
+    vision = sum(p.numel() for p in select_weights(model, "vision", "all").values())
+    text = sum(p.numel() for p in select_weights(model, "text", "all").values())
+    assert (vision, text) == (84_934_656, 37_748_736)
+    assert build_method(method_cfg("adam"), model, 2e-4, 0).trainable_params == 122_683_392
+    lora = build_method(method_cfg("lora"), model, 2e-4, 0)
+    assert lora.trainable_params == 184_320  # 12 blocks x 3 (q, k, v) x 2 x rank 2 x (768 + 512)
+    assert len(lora.trainable) == 2 * 12 * 3 * 2
+
+
+def test_so_passes_every_switch_and_seeds_its_generator(tiny):
+    cfg = method_cfg("so", "method.grad_selection=topk", "method.moment_selection=dense",
+                     "method.support=static", "method.momentum=false", "method.density=0.01")
+    method = build_method(cfg, fresh(tiny), 3e-4, 0)
+    group = method.optimizer.param_groups[0]
+    assert (group["lr"], group["density"], group["refresh_every"]) == (3e-4, 0.01, 10)
+    assert (group["grad_selection"], group["moment_selection"], group["support"], group["momentum"]) \
+        == ("topk", "dense", "static", False)
+    assert method.step_hooks is not None and method.trainable_params == 2 * 12 * 49152
+
+
+def test_so_in_backward_matches_a_plain_step(tiny):
+    _, tokens, images, labels = tiny
+    results = []
+    for in_backward in (True, False):
+        model = fresh(tiny)
+        method = build_method(method_cfg("so", f"method.step_in_backward={in_backward}"), model, 1e-2, 7)
+        before = snapshot(model)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        F.cross_entropy(100 * image_features @ encode_text(model, tokens).T, labels).backward()
+        moved = [n for n, p in method.trainable.items() if not torch.equal(p, before[n])]
+        freed = [n for n, p in method.trainable.items() if p.grad is None]
+        assert len(moved) == len(freed) == (len(method.trainable) if in_backward else 0)
+        method.optimizer.step()
+        method.optimizer.zero_grad(set_to_none=True)
+        results.append(snapshot(model))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
+def test_only_trainable_tensors_change(tiny, name):
+    model = fresh(tiny)
+    method = build_method(method_cfg(name), model, 1e-3, 0)
+    assert method.trainable == {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = snapshot(model)
+    train_step(model, method, tiny)
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for n in before:
+        changed = (before[n] != after[n]).sum().item()
+        if n not in method.trainable:
+            assert changed == 0, n
+        elif name == "so":  # first step: only the M = floor(density * N) drawn entries move
+            assert 1 <= changed <= max(1, int(5e-4 * before[n].numel())), n
+        else:
+            assert changed > 0, n
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_attention_matches_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    torch.nn.init.normal_(mha.in_proj_bias)
+    split = SplitAttention(mha)
+    x = torch.randn(3, 5, 16)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)  # True = masked, as nn.MultiheadAttention reads it
+    per_head = torch.randn(3 * 4, 5, 5) if batch_first else torch.randn(5 * 4, 3, 3)
+    for mask in (None, causal if batch_first else causal[:3, :3], per_head):
+        expected = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+        torch.testing.assert_close(split(x, x, x, attn_mask=mask)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_follows_clip_lora(tiny):
+    model = fresh(tiny)
+    method = build_method(method_cfg("lora", "method.targets=[q,k,v,o]"), model, 1e-3, 0)
+    assert method.trainable_params == 2 * 12 * 4 * 2 * 2 * 64  # o included: four adapters per block
+    layer = model.transformer.resblocks[3].attn.v_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.shape == (2, 64) and b.shape == (64, 2) and not b.any() and a.abs().max() <= 1 / math.sqrt(64)
+    torch.nn.init.normal_(b)
+    x = torch.randn(4, 64)
+    scaling = 1 / math.sqrt(2)  # alpha / sqrt(rank)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ a.T @ b.T * scaling)
+    layer.train()  # dropout on the adapter input only
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, layer.base_layer(x) + F.dropout(x, 0.25) @ a.T @ b.T * scaling)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_adapters_start_at_the_base_model_and_move(tiny, name):
+    base = fresh(tiny)
+    model = fresh(tiny)
+    method = build_method(method_cfg(name), model, 1e-2, 0)
+    expected = outputs(base, tiny)
+    torch.testing.assert_close(outputs(model, tiny), expected, rtol=0, atol=1e-6)
+    model.train()  # dropout on the adapter input: still the base model while B = 0
+    torch.testing.assert_close(encode_text(model, tiny[1]), encode_text(base, tiny[1]), rtol=0, atol=1e-6)
+    train_step(model, method, tiny)
+    assert (outputs(model, tiny) - expected).abs().max() > 1e-3
+    blocks = 2 * 12 * 3  # towers x blocks x (q, k, v)
+    extra = blocks * 64 if name == "dora" else 0  # DoRA's magnitude: one entry per output feature
+    assert method.trainable_params == blocks * 2 * 2 * 64 + extra
+
+
+@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
+def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, tmp_path):
+    model = fresh(tiny)
+    method = build_method(method_cfg(name), model, 1e-2, 0)
+    train_step(model, method, tiny)
+    save_trained(method, model, tmp_path / "trained.pt")
+    torch.manual_seed(123)  # a different adapter initialisation in the fresh model
+    loaded = fresh(tiny)
+    load_trained(build_method(method_cfg(name), loaded, 1e-2, 0), loaded, tmp_path / "trained.pt")
+    assert torch.equal(outputs(loaded, tiny), outputs(model, tiny))
+    assert not torch.equal(outputs(loaded, tiny), outputs(fresh(tiny), tiny))
+
+
+def test_load_rejects_a_file_that_does_not_match(tiny, tmp_path):
+    model = fresh(tiny)
+    path = tmp_path / "trained.pt"
+    save_trained(build_method(method_cfg("adam"), model, 1e-3, 0), model, path)
+    other = fresh(tiny)
+    with pytest.raises(ValueError, match=rf"{path}.*unexpected.*visual.transformer"):
+        load_trained(build_method(method_cfg("adam", "method.encoder=text"), other, 1e-3, 0), other, path)
+    other = fresh(tiny)
+    with pytest.raises(ValueError, match=rf"{path}: holds method 'adam', expected 'lora'"):
+        load_trained(build_method(method_cfg("lora"), other, 1e-3, 0), other, path)
+    saved = torch.load(path, weights_only=True)
+    name = next(iter(saved["tensors"]))
+    saved["tensors"][name] = saved["tensors"][name][:1]
+    torch.save(saved, path)
+    other = fresh(tiny)
+    with pytest.raises(ValueError, match=rf"{path}: shape mismatch.*{name}"):
+        load_trained(build_method(method_cfg("adam"), other, 1e-3, 0), other, path)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_trained(build_method(method_cfg("adam"), other, 1e-3, 0), other, tmp_path / "missing.pt")
+
+
+def test_zeroshot_trains_nothing(tiny):
+    model = fresh(tiny)
+    method = build_method(method_cfg("zeroshot"), model, None, 0)
+    assert method.optimizer is None and method.trainable == {} and method.trainable_params == 0
+    assert not any(p.requires_grad for p in model.parameters())
