@@ -1,0 +1,34 @@
+"""The 11 few-shot benchmarks and the synthetic one, behind one factory.
+
+    dataset = build_dataset("dtd", root="$DATA", shots=4, seed=1, cache_dir="~/.cache/so")
+    dataset.classnames, dataset.templates, dataset.train_x, dataset.val, dataset.test
+
+The image pipeline (decode once, augment on the device) is in datasets.pipeline.
+"""
+from .base import Benchmark, FewShotDataset, Record
+from .caltech101 import Caltech101
+from .dtd import DTD
+from .eurosat import EuroSAT
+from .fgvc_aircraft import FGVCAircraft
+from .food101 import Food101
+from .imagenet import ImageNet
+from .oxford_flowers import OxfordFlowers
+from .oxford_pets import OxfordPets
+from .stanford_cars import StanfordCars
+from .sun397 import SUN397
+from .synthetic import Synthetic
+from .ucf101 import UCF101
+
+BENCHMARKS = {b.name: b for b in (ImageNet, SUN397, FGVCAircraft, EuroSAT, StanfordCars, Food101, OxfordPets,
+                                  OxfordFlowers, Caltech101, DTD, UCF101, Synthetic)}
+
+
+def build_dataset(name, root, shots, seed, cache_dir, templates="photo"):
+    """The few-shot dataset `name` read from `root` (the data root; for synthetic, the folder it is
+    generated in), with its k-shot subset for `seed` cached under `cache_dir`."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown dataset.name {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    return FewShotDataset(BENCHMARKS[name](root), shots, seed, cache_dir, templates)
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "FewShotDataset", "Record", "build_dataset"]

@@ -1,0 +1,243 @@
+"""The shared base of the benchmark loaders.
+
+A `Benchmark` knows where one dataset lives under the data root and how to read its train/val/test
+records (the CoOp split-JSON by default). `FewShotDataset` applies the few-shot protocol on top:
+k images per class drawn with a seeded generator and cached as a small JSON file, so every method and
+every re-run of (dataset, shots, seed) sees the same images. Errors name the file that is wrong and
+the DATASETS.md section that explains the expected layout.
+"""
+import json
+import os
+import random
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES = ("photo", "clip")
+PHOTO_TEMPLATE = "a photo of a {}."
+VAL_SHOTS = 4  # CoOp: the validation subset has min(shots, 4) images per class
+
+
+def see(section):
+    return f"see DATASETS.md#{section}"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    path: str  # absolute image path
+    label: int
+    classname: str  # the prompt name: underscores already replaced by spaces
+
+
+def record(path, label, classname):
+    return Record(str(path), label, classname.replace("_", " "))
+
+
+def inside(folder, rel, what, under="."):
+    """Absolute path of `under`/`rel` in `folder`; rejects entries that lead out of `folder`.
+
+    The check is lexical (no symlink resolution), so symlinked image folders keep working."""
+    folder = os.path.normpath(folder)
+    path = os.path.normpath(os.path.join(folder, under, rel))
+    if not path.startswith(folder + os.sep):
+        raise ValueError(f"{what}: path {rel!r} resolves outside the dataset folder {folder}; "
+                         f"split entries must stay inside it ({see('split-files')})")
+    return path
+
+
+def read_json(path, what, section):
+    """Parsed JSON from `path`, or an error that names the file and the DATASETS.md section."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing ({see(section)})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}); download it again ({see(section)})") from None
+
+
+def write_atomic(path, data):
+    """Write bytes via a temporary file and a rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj).encode("utf-8"))
+
+
+def read_split_json(path, image_dir, dataset_dir, name):
+    """Records of a CoOp split file: {"train"|"val"|"test": [[rel_impath, label, classname], ...]}."""
+    data = read_json(path, f"{name}: split file", name)
+    if not isinstance(data, dict) or not all(isinstance(data.get(s), list) for s in ("train", "val", "test")):
+        raise ValueError(f"{name}: split file {path} must be a JSON object with lists 'train', 'val' and "
+                         f"'test' ({see('split-files')})")
+    root = os.path.normpath(dataset_dir)
+    splits = {}
+    for split in ("train", "val", "test"):
+        records = []
+        for i, entry in enumerate(data[split]):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and type(entry[1]) is int and isinstance(entry[2], str)):
+                raise ValueError(f"{name}: split file {path}, {split}[{i}] = {entry!r}; expected "
+                                 f"[relative image path, integer label, class name] ({see('split-files')})")
+            image = inside(root, entry[0], f"{name}: split file {path}, {split}[{i}]", under=image_dir)
+            records.append(record(image, entry[1], entry[2]))
+        splits[split] = records
+    return splits
+
+
+class Benchmark:
+    """One benchmark on disk. Subclasses set the class attributes and, when the dataset has no split
+    JSON (ImageNet, FGVC-Aircraft), override `read_splits`."""
+
+    name = ""
+    folders = ()  # dataset folder under the root: the CoOp name first, then the forks' names
+    image_dir = "images"  # relative to the dataset folder; split paths are relative to it
+    split_file = ""
+    clip_template = PHOTO_TEMPLATE  # CoOp's per-dataset zero-shot template
+
+    def __init__(self, root):
+        root = Path(os.path.normpath(Path(root).expanduser().absolute()))
+        if not root.is_dir():
+            raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set data_root to the "
+                                    f"folder that holds the dataset folders ({see('layout')})")
+        self.root = root
+        self.dir = self.find_dir()
+
+    def find_dir(self):
+        for folder in self.folders:
+            if (self.root / folder).is_dir():
+                return self.root / folder
+        raise FileNotFoundError(f"{self.name}: no dataset folder under {self.root}; looked for "
+                                f"{', '.join(self.folders)} ({see(self.name)})")
+
+    @property
+    def source(self):
+        """The file (or folder) the records come from, for messages."""
+        return self.dir / self.split_file
+
+    def read_splits(self):
+        return read_split_json(self.source, self.image_dir, self.dir, self.name)
+
+    def read(self):
+        """Validated splits and the class names (index = label)."""
+        splits = self.read_splits()
+        return splits, classnames_of(splits, self.name, self.source)
+
+
+def classnames_of(splits, name, source):
+    """label -> class name over all splits; labels must be 0..C-1, one name each, every class in train."""
+    names = {}
+    for records in splits.values():
+        for r in records:
+            if names.setdefault(r.label, r.classname) != r.classname:
+                raise ValueError(f"{name}: {source} gives label {r.label} two names, {names[r.label]!r} and "
+                                 f"{r.classname!r} ({see(name)})")
+    if not splits["train"] or not splits["test"]:
+        raise ValueError(f"{name}: {source} has an empty train or test split ({see(name)})")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{name}: labels in {source} must be 0..C-1 without gaps, got {sorted(names)[:10]}... "
+                         f"({see(name)})")
+    empty = sorted(set(names) - {r.label for r in splits["train"]})
+    if empty:
+        raise ValueError(f"{name}: {len(empty)} class(es) have no training image in {source}, e.g. "
+                         f"{names[empty[0]]!r} ({see(name)})")
+    return [names[label] for label in range(len(names))]
+
+
+def missing_images(records):
+    return sorted({r.path for r in records if not os.path.isfile(r.path)})
+
+
+def sample_fewshot(records, shots, rng):
+    """CoOp's rule: classes in order of first appearance, `shots` images each without replacement,
+    with replacement when a class has fewer."""
+    by_label = defaultdict(list)
+    for r in records:
+        by_label[r.label].append(r)
+    subset = []
+    for items in by_label.values():
+        subset += rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots)
+    return subset
+
+
+class FewShotDataset:
+    """The few-shot view of one benchmark: `train_x` (k per class), `val` (min(k, 4) per class), `test`.
+
+    Subsets are drawn train first, then val, from one `random.Random(seed)` (CoOp's order and
+    algorithm), never from global RNG state, and cached in <cache_dir>/fewshot/<name>/."""
+
+    def __init__(self, benchmark, shots, seed, cache_dir, templates="photo"):
+        if type(shots) is not int or shots < 1:
+            raise ValueError(f"shots must be a positive integer, got {shots!r}")
+        if type(seed) is not int:
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if templates not in TEMPLATES:
+            raise ValueError(f"dataset.templates must be one of {', '.join(TEMPLATES)}, got {templates!r}")
+        splits, self.classnames = benchmark.read()
+        self.name, self.shots, self.seed = benchmark.name, shots, seed
+        self.templates = [PHOTO_TEMPLATE] if templates == "photo" else [benchmark.clip_template]
+        self.cache_file = Path(cache_dir).expanduser() / "fewshot" / self.name / f"shots{shots}_seed{seed}.json"
+        self.train_x, self.val = self._subsets(benchmark, splits)
+        self.test = splits["test"]
+        missing = missing_images(self.train_x + self.val + self.test)
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {len(missing)} image(s) listed in {benchmark.source} are missing, "
+                                    f"e.g. {missing[0]} ({see(self.name)})")
+
+    def _subsets(self, benchmark, splits):
+        wanted = {"train": self.shots, "val": min(self.shots, VAL_SHOTS)}
+        for split, k in wanted.items():
+            counts = Counter(r.label for r in splits[split])
+            short = [self.classnames[y] for y, n in sorted(counts.items()) if n < k]
+            if short:
+                warnings.warn(f"{self.name}: {len(short)} class(es) have fewer than {k} {split} images "
+                              f"(e.g. {short[0]!r}); sampling them with replacement", stacklevel=3)
+        if self.cache_file.is_file():
+            data = read_json(self.cache_file, f"{self.name}: few-shot cache", "few-shot-subsets")
+            return [self._from_cache(data, benchmark, splits[split], split) for split in wanted]
+        rng = random.Random(self.seed)
+        subsets = [sample_fewshot(splits[split], k, rng) for split, k in wanted.items()]
+        entries = [[[Path(os.path.relpath(r.path, benchmark.dir)).as_posix(), r.label] for r in s] for s in subsets]
+        write_json_atomic(self.cache_file, {"dataset": self.name, "shots": self.shots, "seed": self.seed,
+                                            "train": entries[0], "val": entries[1]})
+        return subsets
+
+    def _from_cache(self, data, benchmark, pool, split):
+        """The cached subset of `pool`; every entry must still be in the split with the same label."""
+        stale = ValueError(f"{self.name}: few-shot cache {self.cache_file} does not match {benchmark.source} "
+                           f"({split} split); delete the cache file to draw the subset again "
+                           f"({see('few-shot-subsets')})")
+        expected = {"dataset": self.name, "shots": self.shots, "seed": self.seed}
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in expected.items()) \
+                or not isinstance(data.get(split), list):
+            raise stale
+        by_path = {r.path: r for r in pool}
+        records = []
+        for entry in data[split]:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise stale
+            r = by_path.get(inside(benchmark.dir, entry[0], f"{self.name}: few-shot cache {self.cache_file}"))
+            if r is None or r.label != entry[1]:
+                raise stale
+            records.append(r)
+        return records
+
+    def prompts(self):
+        """Per class, the prompt for every template."""
+        return [[t.format(c) for t in self.templates] for c in self.classnames]
+
+    def __repr__(self):
+        return (f"FewShotDataset({self.name}: {len(self.classnames)} classes, {self.shots}-shot seed {self.seed}, "
+                f"train_x {len(self.train_x)}, val {len(self.val)}, test {len(self.test)})")

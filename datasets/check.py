@@ -1,0 +1,51 @@
+"""Check a data root: which of the 11 benchmarks are usable, and what is missing for the others.
+
+    python -m datasets.check --root $DATA [names ...]
+
+For each benchmark it finds the folder (CoOp name or a fork alias), reads the split/annotation files,
+validates labels and paths, and checks that every listed image file exists (it does not decode them).
+Nothing is written. Exit code: 0 when every checked benchmark is usable, 1 when any is not, 2 on a
+usage error.
+"""
+import argparse
+import sys
+
+from . import BENCHMARKS
+from .base import missing_images
+
+REAL = [name for name in BENCHMARKS if name != "synthetic"]
+
+
+def check(name, root):
+    """(usable, one-line report) for benchmark `name` under `root`."""
+    try:
+        benchmark = BENCHMARKS[name](root)
+        splits, classnames = benchmark.read()
+    except (OSError, ValueError) as e:
+        return False, str(e)
+    missing = missing_images([r for records in splits.values() for r in records])
+    if missing:
+        return False, f"{benchmark.dir}: {len(missing)} listed image(s) missing, e.g. {missing[0]}"
+    sizes = ", ".join(f"{split} {len(records)}" for split, records in splits.items())
+    return True, f"{benchmark.dir}: {len(classnames)} classes, {sizes}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m datasets.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="the data root ($DATA) holding the dataset folders")
+    parser.add_argument("names", nargs="*", metavar="name", help=f"default: all of {', '.join(REAL)}")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(REAL))
+    if unknown:
+        parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of {', '.join(REAL)}")
+    usable = []
+    for name in args.names or REAL:
+        ok, report = check(name, args.root)
+        usable.append(ok)
+        print(f"{'ok' if ok else 'MISSING':8} {name:15} {report}", flush=True)
+    print(f"{sum(usable)} of {len(usable)} usable")
+    return 0 if all(usable) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
