@@ -11,7 +11,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from so.lora import add_adapters
 from so.optim import SO, step_in_backward
@@ -37,9 +36,9 @@ class Method:
 
 def build_method(cfg_method, model, lr, seed):
     """Freeze `model`, add adapters if the method has them, mark what trains and build its optimizer.
+    `cfg_method` is a plain mapping (main.py resolves the Hydra config; no omegaconf needed here);
     `lr` is the trial's (top-level) lr; `seed` seeds SO's support draws."""
-    cfg = OmegaConf.to_container(cfg_method, resolve=True) if isinstance(cfg_method, DictConfig) \
-        else dict(cfg_method)
+    cfg = dict(cfg_method)
     name, kind = cfg.pop("name", None), cfg.pop("kind", None)
     cfg.pop("lr", None)  # read by the top-level config; the resolved value arrives as `lr`
     if not name:
