@@ -1,6 +1,6 @@
 """Throughput of the data pipeline on generated JPEGs of about 500x375 (written to a temporary folder).
 
-    python scripts/bench_data.py --json [--images 256] [--batch-size 32] [--size 224] [--workers N]
+    python scripts/bench_data.py --json [--images 256] [--batch-size 32] [--size 224] [--workers N] [--threads N]
 
 Measures: test images/s through datasets.pipeline.test_loader (open_clip's eval transform); the one-off
 decode of the train images and the ms per augmented batch of TrainImages.batch, on CPU and on CUDA
@@ -83,8 +83,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=224, help="model input size S")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
-    common = {"images": args.images, "image_size": args.size, "cpus": os.cpu_count(), "torch": torch.__version__}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = {"images": args.images, "image_size": args.size, "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
     def emit(**row):
         row = {**row, **common}
