@@ -22,7 +22,7 @@ def check(name, root):
         benchmark = BENCHMARKS[name](root)
         splits, classnames = benchmark.read()
     except (OSError, ValueError) as e:
-        return False, str(e)
+        return False, str(e).removeprefix(f"{name}: ")
     missing = missing_images([r for records in splits.values() for r in records])
     if missing:
         return False, f"{benchmark.dir}: {len(missing)} listed image(s) missing, e.g. {missing[0]}"
