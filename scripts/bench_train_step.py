@@ -1,0 +1,110 @@
+"""Seconds per training iteration and peak GPU memory of the harness's train step, per method and
+class count, on a randomly initialised CLIP (no weights needed) with synthetic images and class names.
+
+    python scripts/bench_train_step.py --json                       # ViT-B/16 on CUDA when present
+    python scripts/bench_train_step.py --json --device cpu --model tiny
+
+One JSON object per line: method, classes, s_per_iter (median over --iters timed iterations after
+--warmup), peak_gib (CUDA only), device, model, precision, batch_size. Imports only torch, open_clip,
+peft, pyyaml and the project's own modules.
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from so.methods import build_method  # noqa: E402
+from so.model import build_clip  # noqa: E402
+from train import Prompts, autocast, train_step  # noqa: E402
+
+MODELS = {"vit_b16": "ViT-B-16-quickgelu", "tiny": "so-tiny"}
+WORDS = ("red", "striped", "small", "aircraft", "garden", "wooden", "spotted", "river", "old", "cat")
+
+
+def class_names(count, seed=0):
+    """Names of 1 to 4 words, so prompt lengths vary like a real benchmark's."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, 4))) + f" {i}" for i in range(count)]
+
+
+def method_config(name):
+    cfg = yaml.safe_load((ROOT / "configs" / "method" / f"{name}.yaml").read_text())
+    if "defaults" in cfg:
+        raise ValueError(f"configs/method/{name}.yaml inherits from another file: bench so, adam or lora.")
+    return cfg
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(method_name, classes, model_name, device, precision, batch_size, iters, warmup):
+    torch.manual_seed(0)
+    model, _, tokenizer = build_clip(MODELS[model_name], None, device=device)
+    cfg = method_config(method_name)
+    method = build_method(cfg, model, lr=float(cfg["lr"]), seed=0)
+    dataset = SimpleNamespace(classnames=class_names(classes), templates=["a photo of a {}."])
+    prompts = Prompts(dataset, tokenizer, device)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.randint(classes, (batch_size,), device=device)
+    text = None
+    if all(name.startswith("visual.") for name in method.trainable):
+        with torch.no_grad(), autocast(precision, device):
+            text = prompts.embeddings(model)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        train_step(model, prompts, images, labels, method.optimizer, precision, device, text)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"method": method_name, "classes": classes, "s_per_iter": statistics.median(times),
+            "peak_gib": peak, "device": str(device), "model": model_name, "precision": precision,
+            "batch_size": batch_size}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
+    parser.add_argument("--methods", default="so,adam,lora")
+    parser.add_argument("--classes", default="47,397,1000")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    for method_name in args.methods.split(","):
+        for classes in map(int, args.classes.split(",")):
+            row = bench(method_name, classes, args.model, device, args.precision, args.batch_size,
+                        args.iters, args.warmup)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
+                print(f"{method_name:6s} {classes:5d} classes  {row['s_per_iter'] * 1e3:8.1f} ms/iter  {peak}")
+
+
+if __name__ == "__main__":
+    main()

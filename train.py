@@ -1,0 +1,188 @@
+"""The training harness: few-shot training until the loss is low enough, evaluation, results.json.
+
+One iteration: class prompts through the (truncated) text tower, a few-shot image batch through the
+vision tower, logits = 100 * cosine, cross-entropy, optimizer and cosine-LR step. Training stops when
+the mean loss over a full pass of the few-shot set is below `stop_loss`, or at `max_iters`.
+"""
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets.pipeline import TrainImages, test_loader
+from so.methods import load_trained, save_trained
+from so.model import class_embeddings, tokenize
+from so.tracking import start_run
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE = 100.0  # CLIP's learned temperature at the end of pretraining, fixed as in the paper
+
+
+def resolve_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}: CUDA is not available on this machine (use device=cpu)")
+    return device
+
+
+def autocast(precision, device):
+    """bf16 autocast over fp32 master weights, or plain fp32 (TF32 matmuls on CUDA)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return nullcontext()
+    raise ValueError(f"precision={precision!r}: expected auto, bf16 or fp32")
+
+
+class Prompts:
+    """Class prompts tokenized once per trial; their embeddings with or without grad."""
+
+    def __init__(self, dataset, tokenizer, device):
+        self.num_templates = len(dataset.templates)
+        prompts = [t.format(c) for c in dataset.classnames for t in dataset.templates]
+        self.tokens = tokenize(tokenizer, prompts, device)
+
+    def embeddings(self, model):
+        return class_embeddings(model, self.tokens, self.num_templates)
+
+
+@torch.no_grad()
+def evaluate(model, prompts, loader, precision, device, desc):
+    """Top-1 accuracy in percent over `loader`."""
+    model.eval()
+    with autocast(precision, device):
+        text = prompts.embeddings(model)
+        correct = total = 0
+        for images, labels in tqdm(loader, desc=desc, leave=False):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            image = F.normalize(model.encode_image(images), dim=-1)
+            correct += (image @ text.T).argmax(dim=-1).eq(labels).sum()
+            total += labels.numel()
+    return 100.0 * float(correct) / max(total, 1)
+
+
+def train_step(model, prompts, images, labels, optimizer, precision, device, text=None):
+    """One iteration; `text` holds fixed class embeddings when the text tower does not train."""
+    with autocast(precision, device):
+        if text is None:
+            text = prompts.embeddings(model)
+        image = F.normalize(model.encode_image(images), dim=-1)
+        loss = F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def train(cfg, model, prompts, method, train_x, device, wandb_run=None):
+    """Run the loop; return (iterations, stopped_early, last full-pass mean loss)."""
+    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = TrainImages(train_x, device, size, mean, std, generator=generator)
+    labels = torch.tensor([r.label for r in train_x], device=device)
+    optimizer = method.optimizer
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.max_iters, eta_min=1e-6)
+    text_trains = any(not name.startswith("visual.") for name in method.trainable)
+    model.train()
+    if not text_trains:
+        with torch.no_grad(), autocast(cfg.precision, device):
+            fixed_text = prompts.embeddings(model)
+
+    iteration, stopped_early, pass_loss = 0, False, float("nan")
+    bar = tqdm(total=cfg.max_iters, desc="train", leave=False)
+    while iteration < cfg.max_iters:
+        order = torch.randperm(len(train_x), generator=generator)
+        loss_sum, seen = torch.zeros((), device=device), 0
+        for batch in order.split(cfg.batch_size):
+            batch = batch.to(device)
+            loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
+                              device, None if text_trains else fixed_text)
+            scheduler.step()
+            loss_sum += loss * len(batch)
+            seen += len(batch)
+            iteration += 1
+            bar.update()
+            if iteration >= cfg.max_iters:
+                break
+        if seen == len(train_x):  # a full pass: the early-stop rule reads its mean loss
+            pass_loss = float(loss_sum) / seen
+            bar.set_postfix(loss=f"{pass_loss:.4f}")
+            if wandb_run is not None:
+                wandb_run.log({"train/loss": pass_loss, "lr": scheduler.get_last_lr()[0]}, step=iteration)
+            if pass_loss < cfg.stop_loss:
+                stopped_early = True
+                break
+    bar.close()
+    return iteration, stopped_early, pass_loss
+
+
+def write_json_atomic(path, data):
+    """Write to a temporary file and rename, so no partial results.json is ever left behind."""
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, run_dir):
+    """One trial: zero-shot eval, training, final eval; writes run_dir/results.json and returns it.
+    `config` is the resolved config as a plain dict, recorded in results.json and W&B."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wandb_run = start_run(cfg.logger, config, run_dir, f"{dataset.name}-{method.name}-{cfg.shots}shot-seed{cfg.seed}")
+    prompts = Prompts(dataset, tokenizer, device)
+    loader = test_loader(dataset.test, eval_transform, cfg.eval_batch_size, cfg.num_workers)
+    checkpoint = run_dir / "trained.pt"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    zeroshot_top1 = evaluate(model, prompts, loader, cfg.precision, device, "zero-shot eval")
+    log.info("zero-shot top-1: %.2f", zeroshot_top1)
+    iterations, stopped_early, final_loss, seconds = 0, False, None, 0.0
+    if cfg.eval_only:
+        load_trained(method, model, checkpoint)
+    elif method.optimizer is not None:
+        start = time.perf_counter()
+        iterations, stopped_early, final_loss = train(cfg, model, prompts, method, dataset.train_x, device, wandb_run)
+        seconds = time.perf_counter() - start
+        if cfg.save:
+            save_trained(method, model, checkpoint)
+    top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
+    log.info("final top-1: %.2f (%d iterations%s)", top1, iterations, ", stopped early" if stopped_early else "")
+
+    results = {
+        "dataset": dataset.name,
+        "shots": cfg.shots,
+        "seed": cfg.seed,
+        "method": method.name,
+        "name": cfg.name,
+        "zeroshot_top1": zeroshot_top1,
+        "top1": top1,
+        "iterations": iterations,
+        "stopped_early": stopped_early,
+        "final_loss": final_loss,
+        "train_seconds": seconds,
+        "trainable_params": method.trainable_params,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "device": str(device),
+        "config": config,
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in results.items() if k != "config"})
+        wandb_run.finish()
+    return results
