@@ -38,6 +38,7 @@ def main(cfg: DictConfig):
         raise ValueError("data_root is not set: pass data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
     seed_everything(cfg.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     device = train.resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
                             Path(cfg.cache_dir).expanduser(), templates=cfg.dataset.templates)

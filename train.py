@@ -35,14 +35,12 @@ def resolve_device(device):
 
 
 def autocast(precision, device):
-    """bf16 autocast over fp32 master weights, or plain fp32 (TF32 matmuls on CUDA)."""
+    """bf16 autocast over fp32 master weights, or plain fp32 (main.py allows TF32 matmuls)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         return nullcontext()
     raise ValueError(f"precision={precision!r}: expected auto, bf16 or fp32")
 
