@@ -31,7 +31,8 @@ declare -A SWITCHES=(
   [support_static]="method.support=static"
   [no_momentum]="method.momentum=false"
 )
-VARIANTS="${VARIANTS:-so grad_topk moment_random moment_dense support_static no_momentum}"
+ALL_VARIANTS="so grad_topk moment_random moment_dense support_static no_momentum"
+VARIANTS="${VARIANTS:-$ALL_VARIANTS}"
 DATASETS="${DATASETS:-imagenet sun397 fgvc_aircraft eurosat stanford_cars food101 oxford_pets oxford_flowers caltech101 dtd ucf101}"
 SHOTS="${SHOTS:-1 4 16}"
 SEEDS="${SEEDS:-1 2 3}"
@@ -40,7 +41,7 @@ parse_args "$@"
 
 for variant in $VARIANTS; do
   if [[ ! -v "SWITCHES[$variant]" ]]; then
-    echo "ablations.sh: unknown variant '$variant' in VARIANTS (expected some of: ${!SWITCHES[*]})" >&2
+    echo "ablations.sh: unknown variant '$variant' in VARIANTS (expected some of: $ALL_VARIANTS)" >&2
     exit 2
   fi
 done
