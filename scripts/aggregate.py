@@ -4,8 +4,8 @@
 
 Writes to OUT_FOLDER:
 - tables.md and table_<K>shot.csv: one table per shot count, rows = methods (or, when the folder holds
-  several experiment names, e.g. outputs/ablations, the names), columns = datasets + Average, cells
-  "mean ± std" of top-1 over seeds (sample std, ddof=1; a single seed shows the mean only). Average is
+  several experiment names, e.g. outputs/ablations, the names: index "name"), columns = datasets +
+  Average, cells "mean ± std" of top-1 over seeds (sample std, ddof=1; a single seed shows the mean only). Average is
   the mean over datasets per seed, then mean ± std over the seeds that have every dataset.
   Zero-shot trials (method zeroshot) train nothing: they fill the zeroshot row of every shot table.
 - summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds).
@@ -64,7 +64,8 @@ def expected_grid(df):
     rows = df[["row", "name", "method"]].drop_duplicates()
     zs = rows["method"] == ZEROSHOT
     grid = rows[~zs].merge(df[["dataset"]].drop_duplicates(), how="cross")
-    grid = grid.merge(trained[["shots"]].drop_duplicates(), how="cross").merge(df[["seed"]].drop_duplicates(), how="cross")
+    grid = grid.merge(trained[["shots"]].drop_duplicates(), how="cross")
+    grid = grid.merge(df[["seed"]].drop_duplicates(), how="cross")
     zs_grid = rows[zs].merge(df[["dataset"]].drop_duplicates(), how="cross")
     zs_done = df[df["method"] == ZEROSHOT]
     zs_grid = zs_grid.assign(shots=zs_done["shots"].min(), seed=zs_done["seed"].min())
@@ -110,13 +111,13 @@ def row_order(rows):
     return sorted(rows, key=lambda r: (r != ZEROSHOT, r))
 
 
-def tables(summary, datasets):
-    """{shots: DataFrame} of "mean ± std" strings, rows x (datasets + Average)."""
+def tables(summary, datasets, rows_are):
+    """{shots: DataFrame} of "mean ± std" strings, rows x (datasets + Average); rows_are names the index."""
     out = {}
     for shots, part in summary.groupby("shots"):
         table = part.assign(cell=part.apply(cell, axis=1)).pivot(index="row", columns="dataset", values="cell")
         table = table.reindex(index=row_order(table.index), columns=datasets + ["Average"]).fillna("")
-        out[int(shots)] = table.rename_axis(index="method", columns=None)
+        out[int(shots)] = table.rename_axis(index=rows_are, columns=None)
     return out
 
 
@@ -167,7 +168,8 @@ def main(argv):
     summary = summarize(per_shot_scores(df), datasets)
     summary.to_csv(out / "summary.csv", index=False)
     markdown = []
-    for shots, table in tables(summary, datasets).items():
+    rows_are = "method" if df["name"].nunique() == 1 else "name"
+    for shots, table in tables(summary, datasets, rows_are).items():
         table.to_csv(out / f"table_{shots}shot.csv")
         markdown.append(f"## {shots}-shot\n\n{table.to_markdown()}\n")
     (out / "tables.md").write_text("\n".join(markdown))

@@ -121,7 +121,8 @@ def plot_per_block(table, deltas, path):
     fig, (changed, relative, hist) = plt.subplots(1, 3, figsize=(16, 4.2))
     for (tower, weight), part in table.groupby(["tower", "weight"]):
         style = "-" if tower == "vision" else "--"
-        changed.plot(part["block"], 100 * part["changed"] / part["entries"], style, marker="o", label=f"{tower} {weight}")
+        changed.plot(part["block"], 100 * part["changed"] / part["entries"], style, marker="o",
+                     label=f"{tower} {weight}")
         relative.plot(part["block"], part["relative_change"], style, marker="o", label=f"{tower} {weight}")
     changed.set(xlabel="block", ylabel="entries changed (%)", title="fraction of weights that moved")
     relative.set(xlabel="block", ylabel="||delta W|| / ||W initial||", title="relative change", yscale="log")

@@ -106,7 +106,7 @@ def test_experiment_names_become_rows_without_their_shared_folder(tmp_path, caps
         for seed in (1, 2):
             write(out, f"ablations/{variant}", "dtd", "so", 4, seed, 50.0 + offset + seed)
     aggregate(capsys, out)  # default output folder: <results folder>/aggregate
-    table = pd.read_csv(out / "aggregate" / "table_4shot.csv", index_col="method", keep_default_na=False)
+    table = pd.read_csv(out / "aggregate" / "table_4shot.csv", index_col="name", keep_default_na=False)
     assert list(table.index) == ["grad_topk", "so"] and list(table.columns) == ["dtd", "Average"]
     assert table.loc["so", "dtd"] == "53.50 ± 0.71" and table.loc["grad_topk", "Average"] == "51.50 ± 0.71"
 

@@ -53,7 +53,7 @@ def test_the_sweep_runs_exactly_the_dry_run_trials(swept):
     assert sorted(mtimes(out)) == sorted(trial_dir(out, line) / "results.json" for line in lines)
     for line in lines:
         res = json.loads((trial_dir(out, line) / "results.json").read_text())
-        assert line == f"name={res['name']} dataset={res['dataset']} method={res['method']} shots={res['shots']} seed={res['seed']}"
+        assert line == " ".join(f"{key}={res[key]}" for key in ("name", "dataset", "method", "shots", "seed"))
         assert res["iterations"] == 2 and (trial_dir(out, line) / "trained.pt").exists()
     assert not list((out / "out").rglob("*.tmp"))
 
