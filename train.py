@@ -4,9 +4,11 @@ One iteration: class prompts through the (truncated) text tower, a few-shot imag
 vision tower, logits = 100 * cosine, cross-entropy, optimizer and cosine-LR step. Training stops when
 the mean loss over a full pass of the few-shot set is below `stop_loss`, or at `max_iters`.
 """
+import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,12 +28,38 @@ LOGIT_SCALE = 100.0  # CLIP's learned temperature at the end of pretraining, fix
 
 
 def resolve_device(device):
+    """auto: the GPU when there is one; with several, one no other trial on this machine holds."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", claim_gpu() if torch.cuda.device_count() > 1 else 0)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device}: CUDA is not available on this machine (use device=cpu)")
     return device
+
+
+_claimed = {}  # device index -> open lock file, held until the process exits
+
+
+def claim_gpu(poll_seconds=10):
+    """Index of a GPU locked for this process (flock on a file per device uuid, so parallel trials of
+    one sweep, or of two sweeps, never share a GPU; a crashed trial's lock goes with its process)."""
+    while not _claimed:
+        for index in range(torch.cuda.device_count()):
+            uuid = torch.cuda.get_device_properties(index).uuid
+            handle = open(Path(tempfile.gettempdir()) / f"so-clip-gpu-{uuid}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _claimed[index] = handle
+            break
+        else:
+            log.info("All %d GPUs are held by other trials; waiting.", torch.cuda.device_count())
+            time.sleep(poll_seconds)
+    return next(iter(_claimed))
 
 
 def autocast(precision, device):

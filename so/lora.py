@@ -7,7 +7,6 @@ nn.Linear layers, same outputs) and peft's LoRA/DoRA layers target those Linear 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
 
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 
@@ -64,6 +63,8 @@ def add_adapters(model, blocks, targets, rank, alpha, dropout, dora):
         if not isinstance(block.attn, nn.MultiheadAttention):
             raise ValueError(f"{name}.attn is {type(block.attn).__name__}, expected nn.MultiheadAttention.")
         block.attn = SplitAttention(block.attn)
+    from peft import LoraConfig, inject_adapter_in_model  # imported here: peft takes seconds to import
+
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=True, use_dora=dora,
         init_lora_weights=True, bias="none",

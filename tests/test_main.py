@@ -24,7 +24,7 @@ def results(tmp_path):
             for p in sorted((tmp_path / "out").rglob("results.json"))}
 
 
-def test_demo_writes_results_and_overrides_reach_the_harness(tmp_path):
+def test_demo_writes_results_overrides_reach_the_harness_and_reruns_skip(tmp_path):
     proc = main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3")
     assert "zero-shot top-1" in proc.stdout and "final top-1" in proc.stdout
     (path, res), = results(tmp_path).items()
@@ -40,15 +40,12 @@ def test_demo_writes_results_and_overrides_reach_the_harness(tmp_path):
     assert isinstance(res["final_loss"], float)
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
-
-def test_existing_results_are_skipped_unless_forced(tmp_path):
-    main_py(tmp_path, "experiment=demo", *FAST, "shots=1")
-    path = next((tmp_path / "out").rglob("results.json"))
+    path = tmp_path / "out" / path
     path.write_text(json.dumps({"marker": True}))
-    proc = main_py(tmp_path, "experiment=demo", *FAST, "shots=1")
+    proc = main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3")
     assert "Skipping" in proc.stdout + proc.stderr and json.loads(path.read_text()) == {"marker": True}
-    main_py(tmp_path, "experiment=demo", *FAST, "shots=1", "force=true")
-    assert "marker" not in json.loads(path.read_text())
+    main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3", "force=true")
+    assert json.loads(path.read_text())["seed"] == 3
 
 
 def test_multirun_writes_one_results_file_per_trial(tmp_path):
@@ -68,3 +65,23 @@ def test_unset_data_root_names_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv("DATA", raising=False)
     proc = main_py(tmp_path, "dataset=dtd", "model=tiny", *FAST, check=False)
     assert proc.returncode != 0 and "data_root is not set" in proc.stderr
+
+
+def test_every_method_runs_the_demo(tmp_path):
+    methods = ("so", "so_reference_cli", "adam", "lora", "dora", "zeroshot")
+    main_py(tmp_path, "experiment=demo", *FAST, f"method={','.join(methods)}", multirun=True)
+    found = {res["method"]: res for res in results(tmp_path).values()}
+    assert sorted(found) == sorted(methods)
+    assert found["zeroshot"]["iterations"] == 0 and found["zeroshot"]["trainable_params"] == 0
+    assert found["zeroshot"]["top1"] == found["zeroshot"]["zeroshot_top1"]
+    assert all(found[m]["iterations"] == 4 for m in methods if m != "zeroshot")
+    assert found["so"]["trainable_params"] == found["adam"]["trainable_params"] > found["lora"]["trainable_params"]
+
+
+def test_saved_training_evaluates_identically(tmp_path):
+    main_py(tmp_path, "experiment=demo", *FAST, "method=so,lora", "save=true", multirun=True)
+    trained = results(tmp_path)
+    assert len(trained) == 2 and all((tmp_path / "out" / p).with_name("trained.pt").is_file() for p in trained)
+    main_py(tmp_path, "experiment=demo", *FAST, "method=so,lora", "eval_only=true", "force=true", multirun=True)
+    for path, reloaded in results(tmp_path).items():
+        assert reloaded["iterations"] == 0 and reloaded["top1"] == trained[path]["top1"], path

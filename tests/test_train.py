@@ -40,3 +40,22 @@ def test_runs_to_max_iters_when_the_loss_stays_above_stop_loss(data):
 def test_stops_early_on_a_set_it_can_fit(data):
     iterations, stopped_early, loss = run_train(data(1), 1e-3, max_iters=600, stop_loss=0.01)
     assert stopped_early and loss < 0.01 and iterations < 600
+
+
+def test_claim_gpu_takes_one_no_other_trial_holds(monkeypatch, tmp_path):
+    import fcntl
+    import tempfile
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"GPU-{i}"))
+    monkeypatch.setattr(train, "_claimed", {})
+    held = [open(tmp_path / f"so-clip-gpu-GPU-{i}.lock", "w") for i in (0, 1)]  # two other trials
+    for handle in held:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert train.claim_gpu() == 2
+    held[0].close()  # GPU 0 frees up, but this process keeps the GPU it holds
+    assert train.claim_gpu() == 2
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(open(tmp_path / "so-clip-gpu-GPU-2.lock", "w"), fcntl.LOCK_EX | fcntl.LOCK_NB)
