@@ -1,0 +1,576 @@
+"""SO: Sparse Optimization, Adam on a sparse, periodically redrawn gradient support.
+
+The rule, per trainable tensor W viewed flat (N entries, M = max(1, floor(density * N))), step t:
+  1. Support: at t = 1 and every `refresh_every` steps after, draw G, M entries of W, uniformly
+     without replacement (grad_selection="random") or the M largest |g| (="topk", ties to the
+     lower index); support="static" draws once.
+  2. Gradient: g = grad + weight_decay * W (coupled L2), read only at G.
+  3. Moments on U = S u G, S the kept set: Adam's m and v updates, with g = 0 outside G and
+     m = v = 0 outside S.
+  4. Update every entry of U: W -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps).
+  5. Prune: keep the M entries of U with the largest |m| (ties to the lower index) with their
+     m and v; moment_selection="random" keeps M uniform ones, "dense" never prunes.
+  6. The dense gradient is freed (param.grad = None).
+momentum=False is b1 = 0. A group with dense=True is plain Adam (coupled L2, fp32 moments).
+
+Code: `so_update` is the per-tensor core and reads like the rule; `so_update_batched` runs steps
+2-5 for all tensors of a group in a few dozen batched ops and gives the same numbers (SO.step uses
+it; step_in_backward uses so_update). Random draws come from a counter-based hash keyed by
+(parameter, step, index), so they do not depend on batching or on the order in which backward
+hooks fire; torch's generators are sequential streams, which would. Written by hand because no
+library implements this optimizer.
+"""
+import math
+import warnings
+from itertools import accumulate, chain
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["SO", "so_update", "so_update_batched", "step_in_backward"]
+
+GRAD_SELECTIONS = ("random", "topk")
+MOMENT_SELECTIONS = ("topk", "random", "dense")
+SUPPORTS = ("dynamic", "static")
+
+# ------------------------------------------------------------------------------------------------
+# Counter-based randomness: SplitMix64 (Steele et al. 2014) on Python ints and on int64 tensors.
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SUPPORT_DRAW, _MOMENT_DRAW = 1, 2
+
+
+def _signed(x):
+    """The int64 with the bits of the unsigned 64-bit int x."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix64(x):
+    """SplitMix64 finalizer on a Python int; returns an unsigned 64-bit int."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _shr(z, s):
+    """Logical right shift of the bits of an int64 tensor."""
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def _mix64_tensor(z):
+    """_mix64 on the bits of an int64 tensor, in place (int64 arithmetic wraps like uint64)."""
+    z.bitwise_xor_(_shr(z, 30)).mul_(_signed(_MIX1))
+    z.bitwise_xor_(_shr(z, 27)).mul_(_signed(_MIX2))
+    return z.bitwise_xor_(_shr(z, 31))
+
+
+def _stream(seed, step, purpose):
+    """Key (int64) of the random stream of one parameter at one step."""
+    return _signed(_mix64(_mix64(seed ^ purpose) + step))
+
+
+def _random_bits(stream, counter, bits):
+    """Uniform `bits`-bit ints >= 0: the counter-th outputs of the SplitMix64 streams `stream`."""
+    return _shr(_mix64_tensor((counter + 1).mul_(_signed(_GAMMA)).add_(stream)), 64 - bits)
+
+
+def _first_distinct(numels, counts, streams, device):
+    """For each tensor i, the first counts[i] distinct values of r_j = bits_j % numels[i],
+    j = 0, 1, ... of its stream: a uniform draw without replacement, sorted. O(counts) work."""
+    out = [torch.empty(0, dtype=torch.int64, device=device) for _ in numels]
+    todo = [i for i in range(len(numels)) if counts[i] > 0]
+    draws = {i: counts[i] + 2 * -(-counts[i] ** 2 // numels[i]) + 16 for i in todo}
+    while todo:  # a tensor whose draws held too few distinct values goes again with twice as many
+        k, c = len(todo), [draws[i] for i in todo]
+        seg = _repeat(range(k), c, device)
+        offsets = _starts(numels[i] for i in todo)
+        value = _random_bits(_repeat([streams[i] for i in todo], c, device),
+                             _ranges([0] * k, c, device), 63)
+        value.remainder_(_repeat([numels[i] for i in todo], c, device))
+        value += _repeat(offsets, c, device)  # tensors in disjoint ranges
+        ordered, order = torch.sort(value, stable=True)  # equal values keep their draw order
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        new = torch.empty_like(first).scatter_(0, order, first)  # first occurrences, draw order
+        rank = torch.cumsum(new, 0)
+        before = torch.cat([rank.new_zeros(1), rank[:-1]])
+        rank -= _at(before, torch.tensor(_starts(c), device=device))[seg]  # rank in its tensor
+        take = new & (rank <= _repeat([counts[i] for i in todo], c, device))
+        taken = ordered[_at(take, order)]  # sorted, tensor by tensor
+        got = torch.zeros(k, dtype=torch.int64, device=device).index_add_(0, seg, take.long())
+        got = got.tolist()
+        for i, part, offset, n in zip(todo, taken.split(got), offsets, got):
+            if n == counts[i]:
+                out[i] = part - offset
+        todo = [i for i, n in zip(todo, got) if n < counts[i]]
+        for i in todo:
+            draws[i] *= 2
+    return out
+
+
+def random_supports(numels, sizes, streams, device):
+    """Uniform supports: sizes[i] distinct sorted flat indices of a tensor of numels[i] entries.
+    When more than half the entries are wanted, the complement is drawn instead."""
+    complement = [2 * m > n for n, m in zip(numels, sizes)]
+    counts = [n - m if c else m for n, m, c in zip(numels, sizes, complement)]
+    out = []
+    for n, c, index in zip(numels, complement, _first_distinct(numels, counts, streams, device)):
+        if c:
+            keep = torch.ones(n, dtype=torch.bool, device=device)
+            keep[index] = False
+            index = _where(keep)
+        out.append(index)
+    return out
+
+
+def topk_support(grad, param, size, weight_decay):
+    """The `size` largest |grad + weight_decay * param| (ties to the lower index), sorted."""
+    g = grad.reshape(-1).float()
+    if weight_decay:
+        g = g + weight_decay * param.reshape(-1).float()
+    key = _priority(torch.arange(g.numel(), device=g.device), g, "topk", None)
+    return torch.topk(key, size, sorted=False).indices.sort().values
+
+
+# ------------------------------------------------------------------------------------------------
+# Index helpers.
+
+def _at(x, index):
+    return x.index_select(0, index)
+
+
+def _where(mask):
+    return mask.nonzero().squeeze(1)
+
+
+def _starts(lengths):
+    return list(accumulate(lengths, initial=0))[:-1]
+
+
+def _repeat(values, lengths, device):
+    """Each values[i] repeated lengths[i] times, as a cumsum of jumps (torch.repeat_interleave
+    opens a thread pool even for a handful of entries: slow when other processes hold the cores)."""
+    at, jumps, previous, position = [], [], 0, 0
+    for value, length in zip(values, lengths):
+        if length:
+            at.append(position)
+            jumps.append(_signed((value - previous) & _MASK64))  # the int64 cumsum wraps back
+            previous, position = value, position + length
+    out = torch.zeros(position, dtype=torch.int64, device=device)
+    out[torch.tensor(at, dtype=torch.int64, device=device)] = torch.tensor(
+        jumps, dtype=torch.int64, device=device)
+    return out.cumsum_(0)
+
+
+def _ranges(starts, lengths, device):
+    """cat(arange(s, s + l) for s, l in zip(starts, lengths))."""
+    shift = [s - c for s, c in zip(starts, _starts(lengths))]
+    return _repeat(shift, lengths, device).add_(torch.arange(sum(lengths), device=device))
+
+
+# ------------------------------------------------------------------------------------------------
+# Arithmetic shared by every path.
+
+def _grad_at(flat, grad, index, weight_decay):
+    g = grad.take(index).float()  # take reads any memory layout in logical (flat) order
+    if weight_decay:
+        g += weight_decay * flat.take(index).float()
+    return g
+
+
+def _adam_delta(exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(eps)
+    return (exp_avg * (lr / bias1)).div_(denom)
+
+
+def _subtract_at(flat, index, delta):
+    """flat[index] -= delta (index unique), computed in at least fp32."""
+    if flat.dtype == delta.dtype:
+        flat.index_add_(0, index, delta, alpha=-1)
+    else:
+        work = torch.promote_types(flat.dtype, torch.float32)
+        value = flat.index_select(0, index).to(work) - delta.to(work)
+        flat.index_copy_(0, index, value.to(flat.dtype))
+
+
+def _priority(index, exp_avg, selection, stream):
+    """Prune priorities as distinct int64 keys (index < 2**32): |m| (or 31 random bits) first,
+    then the lower flat index. The IEEE bits of a float >= 0 keep its order."""
+    if selection == "topk":
+        high = exp_avg.abs().view(torch.int32).long()
+    else:
+        high = _random_bits(stream, index, 31)
+    return high.bitwise_left_shift_(32).sub_(index)
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-tensor core (steps 2-5) and its batched twin. Both return S in one canonical order: the
+# entries of S in G (in G's order), then the others ascending; and kept_in_support, the positions
+# in G of the first ones. With those the batched path lines S up with G between refreshes without
+# matching indices.
+
+def so_update(flat, grad, support, kept, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
+              weight_decay, size, moment_selection, stream=0):
+    """One SO step of one tensor. flat: the parameter viewed flat (updated in place); support: G,
+    sorted; kept, exp_avg, exp_avg_sq: S (any order) and its fp32 moments.
+    Returns the new (kept, exp_avg, exp_avg_sq, kept_in_support)."""
+    g = _grad_at(flat, grad, support, weight_decay)  # 2. gradient read only at G
+    union, where = torch.unique(torch.cat([kept, support]), return_inverse=True)  # 3. U = S u G
+    in_kept, in_support = where[: kept.numel()], where[kept.numel():]
+    m = torch.zeros(union.numel(), device=flat.device)
+    v = torch.zeros(union.numel(), device=flat.device)
+    m[in_kept], v[in_kept] = beta1 * exp_avg, beta2 * exp_avg_sq
+    m.index_add_(0, in_support, (1 - beta1) * g)
+    v.index_add_(0, in_support, (1 - beta2) * (g * g))
+    _subtract_at(flat, union, _adam_delta(m, v, lr, beta1, beta2, eps, step))  # 4. all of U
+    keep = torch.ones(union.numel(), dtype=torch.bool, device=flat.device)
+    if moment_selection != "dense" and union.numel() > size:  # 5. prune to the M most important
+        best = torch.topk(_priority(union, m, moment_selection, stream), size, sorted=False).indices
+        keep = torch.zeros_like(keep).index_fill_(0, best, True)
+    from_support = torch.zeros_like(keep).index_fill_(0, in_support, True)
+    order = torch.cat([_where(keep & from_support), _where(keep & ~from_support)])
+    return union[order], m[order], v[order], _where(keep[in_support])
+
+
+def so_update_batched(flats, grads, supports, kepts, exp_avgs, exp_avg_sqs, kept_in_supports, *,
+                      refreshed, step, lr, beta1, beta2, eps, weight_decay, sizes,
+                      moment_selection, streams):
+    """so_update for a list of tensors at the same step: the same numbers in a few dozen batched
+    ops. kept_in_supports: as so_update returns them; unused when the supports were just redrawn
+    (refreshed=True). Tensors of equal size should be adjacent: the prune is one topk per run.
+    Returns lists (kept, exp_avg, exp_avg_sq, kept_in_support).
+
+    The U_i = G_i u O_i of all tensors (O_i = S_i minus G_i) lie back to back as [G_i; O_i].
+    Between refreshes S_i = [G_i[kept_in_support_i]; O_i] already, so nothing is matched; after
+    a refresh S is matched with the new G by one sort and one searchsorted."""
+    dev, n = flats[0].device, len(flats)
+    G = torch.cat(supports)  # flat indices, local to each tensor
+    g = torch.cat([_grad_at(f, gr, s, weight_decay) for f, gr, s in zip(flats, grads, supports)])
+    K, mK, vK = torch.cat(kepts), torch.cat(exp_avgs), torch.cat(exp_avg_sqs)
+    kept_sizes = [k.numel() for k in kepts]
+    # 3. U: where each entry of G (to_G) and of S (to_K) goes
+    if refreshed:  # S against the new G, in a flat index space shared by all tensors
+        offsets = _starts(f.numel() for f in flats)
+        ordered, perm = torch.sort(K + _repeat(offsets, kept_sizes, dev))
+        G_flat = G + _repeat(offsets, sizes, dev)
+        pos = torch.searchsorted(ordered, G_flat)
+        hit = _where(_at(torch.cat([ordered, ordered.new_full((1,), -1)]), pos) == G_flat)
+        src = _at(_at(torch.cat([perm, perm.new_zeros(1)]), pos), hit)  # in K, of S n G
+        in_G = torch.zeros(K.numel(), dtype=torch.bool, device=dev).index_fill_(0, src, True)
+        other = _at(perm, _where(~_at(in_G, perm)))  # O in K, ascending in each tensor
+        other_sizes = torch.bincount(_at(_repeat(range(n), kept_sizes, dev), other),
+                                     minlength=n).tolist()
+        u_sizes = [m + o for m, o in zip(sizes, other_sizes)]
+        u_start = _starts(u_sizes)
+        to_G = _ranges(u_start, sizes, dev)
+        to_K = torch.empty(K.numel(), dtype=torch.int64, device=dev)
+        to_K.index_copy_(0, src, _at(to_G, hit))
+        to_K.index_copy_(0, other, _ranges([u + m for u, m in zip(u_start, sizes)], other_sizes,
+                                           dev))
+    else:  # S_i = [G_i[kept_in_support_i]; O_i]
+        in_G = [p.numel() for p in kept_in_supports]
+        other_sizes = [k - c for k, c in zip(kept_sizes, in_G)]
+        u_sizes = [m + o for m, o in zip(sizes, other_sizes)]
+        u_start = _starts(u_sizes)
+        to_G = _ranges(u_start, sizes, dev)
+        to_K = _ranges([u + m - c for u, m, c in zip(u_start, sizes, in_G)], kept_sizes, dev)
+        to_K.index_copy_(0, _ranges(_starts(kept_sizes), in_G, dev),
+                         torch.cat(kept_in_supports) + _repeat(u_start, in_G, dev))
+    total = sum(u_sizes)
+    U = torch.empty(total, dtype=torch.int64, device=dev).index_copy_(0, to_K, K)
+    U.index_copy_(0, to_G, G)
+    m = torch.zeros(total, device=dev).index_copy_(0, to_K, mK)
+    v = torch.zeros(total, device=dev).index_copy_(0, to_K, vK)
+    g = torch.zeros(total, device=dev).index_copy_(0, to_G, g)  # zero outside G
+    g2 = g * g
+    m.mul_(beta1).add_(g.mul_(1 - beta1))  # so_update's arithmetic, in place
+    v.mul_(beta2).add_(g2.mul_(1 - beta2))
+    # 4. update every entry of U
+    delta = _adam_delta(m, v, lr, beta1, beta2, eps, step)
+    for f, index, d in zip(flats, U.split(u_sizes), delta.split(u_sizes)):
+        _subtract_at(f, index, d)
+    # 5. prune: keep the M_i best entries of each U_i
+    if moment_selection == "dense":
+        new_sizes, keep = u_sizes, torch.arange(total, device=dev)
+    else:
+        stream = _repeat(streams, u_sizes, dev) if moment_selection == "random" else None
+        keep = _where(_prune(_priority(U, m, moment_selection, stream), sizes, u_sizes))
+        new_sizes = sizes
+    # S_i in canonical order is U_i's order: its entries in G_i first, then the others ascending
+    local = keep - _repeat(u_start, new_sizes, dev)
+    in_G = (local < _repeat(sizes, new_sizes, dev)).long().cumsum_(0)
+    ends = torch.tensor(list(accumulate(new_sizes)), device=dev) - 1
+    new_in_G = torch.diff(_at(in_G, ends), prepend=in_G.new_zeros(1)).tolist()  # the host sync
+    positions = _at(local, _ranges(_starts(new_sizes), new_in_G, dev))
+    return (*(_at(x, keep).split(new_sizes) for x in (U, m, v)), positions.split(new_in_G))
+
+
+def _prune(keys, sizes, u_sizes):
+    """Mask of the sizes[i] largest keys in each tensor's run of u_sizes[i] keys. Tensors of equal
+    size are rows of one topk, padded with the smallest int64."""
+    dev = keys.device
+    row_start, blocks, total, i = [], [], 0, 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        width = max(u_sizes[i:j])
+        row_start += [total + r * width for r in range(j - i)]
+        blocks.append((total, j - i, width, sizes[i]))
+        total, i = total + (j - i) * width, j
+    slot = _ranges(row_start, u_sizes, dev)
+    padded = torch.full((total,), torch.iinfo(torch.int64).min, device=dev)
+    padded.index_copy_(0, slot, keys)
+    chosen = torch.zeros(total, dtype=torch.bool, device=dev)
+    for start, rows, width, size in blocks:
+        block = slice(start, start + rows * width)
+        if width > size:
+            best = torch.topk(padded[block].view(rows, width), size, dim=1, sorted=False).indices
+            chosen[block].view(rows, width).scatter_(1, best, True)
+        else:  # nothing outside G: keep all
+            chosen[block] = True
+    return _at(chosen, slot)
+
+
+# ------------------------------------------------------------------------------------------------
+
+class SO(Optimizer):
+    """Sparse Optimization (SO). Per-group keys: lr, betas, eps, weight_decay, density,
+    refresh_every, grad_selection, moment_selection, support, momentum, dense.
+
+    Per-parameter state: step (int), seed (int), support (G, sorted), kept (S: its entries in G
+    in G's order, then the others ascending), exp_avg and exp_avg_sq (fp32, aligned with kept),
+    kept_in_support (the positions in G of kept's first entries). Dense groups keep step, seed,
+    exp_avg and exp_avg_sq shaped like the parameter. `generator` (or the global torch RNG)
+    seeds every draw."""
+
+    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 density=5e-4, refresh_every=10, grad_selection="random", moment_selection="topk",
+                 support="dynamic", momentum=True, generator=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
+                        refresh_every=refresh_every, grad_selection=grad_selection,
+                        moment_selection=moment_selection, support=support, momentum=momentum,
+                        dense=False)
+        _check_group(defaults, "SO()")
+        self._tiny = [0, 0]  # sparse tensors with floor(density * numel) = 0, and all, as added
+        super().__init__(params, defaults)
+        self._warn_tiny()
+        device = generator.device if generator is not None else "cpu"
+        self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+
+    def add_param_group(self, param_group):
+        group = {**self.defaults, **param_group}
+        _check_group(group, f"param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        if not group["dense"]:
+            numels = [p.numel() for p in self.param_groups[-1]["params"]]
+            self._tiny[0] += sum(int(group["density"] * n) == 0 for n in numels)
+            self._tiny[1] += len(numels)
+        if hasattr(self, "seed"):  # a group added after __init__ reports at once
+            self._warn_tiny()
+
+    def _warn_tiny(self):
+        tiny, total = self._tiny
+        if tiny:
+            warnings.warn(f"SO: {tiny} of {total} sparse tensors have floor(density * numel) = 0;"
+                          " each trains M = 1 entry instead", stacklevel=3)
+        self._tiny = [0, 0]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params, batched=True)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, param):
+        """Apply the step of one parameter now (step_in_backward's hook); no-op without grad."""
+        if param.grad is None:
+            return
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return self._step_group(group, [param], batched=False)
+        raise ValueError("SO.step_param: the parameter is not in this optimizer")
+
+    def _init_state(self, param, dense, position):
+        if not param.is_contiguous():
+            raise ValueError(f"SO: parameter of shape {tuple(param.shape)} is not contiguous "
+                             "(e.g. channels_last); SO indexes it flat, call .contiguous() first")
+        if param.numel() >= 2**32:
+            raise ValueError(f"SO: parameter of shape {tuple(param.shape)} has >= 2**32 entries")
+        state = self.state[param]
+        state["step"] = 0
+        state["seed"] = _mix64(self.seed + (position + 1) * _GAMMA)
+        if dense:
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            return
+        index = dict(dtype=torch.int64, device=param.device)
+        state["support"], state["kept"] = torch.empty(0, **index), torch.empty(0, **index)
+        state["exp_avg"] = torch.empty(0, device=param.device)
+        state["exp_avg_sq"] = torch.empty(0, device=param.device)
+        state["kept_in_support"] = torch.empty(0, **index)
+
+    def _step_group(self, group, params, batched):
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError("SO does not support sparse gradients")
+        if any(not self.state[p] for p in params):
+            everything = chain(*(g["params"] for g in self.param_groups))
+            position = {id(p): i for i, p in enumerate(everything)}
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group["dense"], position[id(p)])
+        states = [self.state[p] for p in params]
+        for s in states:
+            s["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), beta1=beta1 if group["momentum"] else 0.0,
+                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if group["dense"]:
+            for p, s in zip(params, states):
+                _adam_dense(p, s, **dict(hyper, beta1=beta1))
+                p.grad = None
+            return
+        sizes = [max(1, int(group["density"] * p.numel())) for p in params]
+        due = self._refresh_supports(group, params, states, sizes)
+        # Tensors of a group normally share the step; one that skipped steps goes on its own.
+        by_step = {}
+        for i in sorted(range(len(params)), key=sizes.__getitem__):  # equal sizes adjacent
+            by_step.setdefault(states[i]["step"], []).append(i)
+        keys = ("support", "kept", "exp_avg", "exp_avg_sq", "kept_in_support")
+        for step, idx in by_step.items():
+            cols = [[states[i][k] for i in idx] for k in keys]
+            if group["moment_selection"] == "random":
+                streams = [_stream(states[i]["seed"], step, _MOMENT_DRAW) for i in idx]
+            else:
+                streams = [0] * len(idx)
+            args = dict(step=step, moment_selection=group["moment_selection"], **hyper)
+            if batched:
+                out = so_update_batched(
+                    [params[i].view(-1) for i in idx], [params[i].grad for i in idx], *cols,
+                    refreshed=idx[0] in due, sizes=[sizes[i] for i in idx], streams=streams,
+                    **args)
+            else:
+                (i,) = idx
+                out = so_update(params[i].view(-1), params[i].grad, *(c[0] for c in cols[:4]),
+                                size=sizes[i], stream=streams[0], **args)
+                out = [[x] for x in out]
+            for j, i in enumerate(idx):
+                for key, values in zip(keys[1:], out):
+                    states[i][key] = values[j]
+        for p in params:
+            p.grad = None  # 6. nothing dense survives the step
+
+    def _refresh_supports(self, group, params, states, sizes):
+        """Step 1: draw new supports where due; returns the positions in params redrawn."""
+        every = group["refresh_every"] if group["support"] == "dynamic" else math.inf
+        due = [i for i, s in enumerate(states) if s["step"] == 1 or (s["step"] - 1) % every == 0]
+        if due and group["grad_selection"] == "topk":
+            for i in due:
+                states[i]["support"] = topk_support(params[i].grad, params[i], sizes[i],
+                                                    group["weight_decay"])
+        elif due:
+            streams = [_stream(states[i]["seed"], states[i]["step"], _SUPPORT_DRAW) for i in due]
+            drawn = random_supports([params[i].numel() for i in due], [sizes[i] for i in due],
+                                    streams, params[due[0]].device)
+            for i, support in zip(due, drawn):
+                states[i]["support"] = support
+        return set(due)
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["seed"] = self.seed
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        # Optimizer.load_state_dict casts every tensor to the parameter's dtype (int64 indices and
+        # fp32 moments included): put the saved tensors back as they were afterwards.
+        saved_ids = chain(*(g["params"] for g in state_dict["param_groups"]))
+        by_id = dict(zip(saved_ids, chain(*(g["params"] for g in self.param_groups))))
+        super().load_state_dict(state_dict)
+        for pid, saved in state_dict["state"].items():
+            param = by_id[pid]
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+        self.seed = int(state_dict.get("seed", self.seed))
+
+
+def _adam_dense(param, state, *, lr, beta1, beta2, eps, weight_decay):
+    """Plain Adam with coupled L2 and fp32 moments, with the arithmetic of the sparse core."""
+    g = param.grad.float()
+    if weight_decay:
+        g = g + weight_decay * param.float()
+    state["exp_avg"] = beta1 * state["exp_avg"] + (1 - beta1) * g
+    state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * (g * g)
+    delta = _adam_delta(state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps,
+                        state["step"])
+    if param.dtype == delta.dtype:
+        param.sub_(delta)
+    else:
+        param.copy_(param.to(torch.promote_types(param.dtype, torch.float32)) - delta)
+
+
+def _check_group(group, where):
+    def fail(key, expected):
+        raise ValueError(f"SO: {where}: {key!r} must be {expected}, got {group[key]!r}")
+
+    def number(key):
+        return isinstance(group[key], (int, float)) and not isinstance(group[key], bool)
+
+    if not (number("lr") or torch.is_tensor(group["lr"])) or float(group["lr"]) < 0:
+        fail("lr", "a number >= 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        fail("betas", "a pair of numbers in [0, 1)")
+    if not number("eps") or group["eps"] < 0:
+        fail("eps", "a number >= 0")
+    if not number("weight_decay") or group["weight_decay"] < 0:
+        fail("weight_decay", "a number >= 0")
+    if not number("density") or not 0 < group["density"] <= 1:
+        fail("density", "a number in (0, 1]")
+    every = group["refresh_every"]
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        fail("refresh_every", "an int >= 1")
+    for key, choices in (("grad_selection", GRAD_SELECTIONS),
+                         ("moment_selection", MOMENT_SELECTIONS), ("support", SUPPORTS)):
+        if group[key] not in choices:
+            fail(key, f"one of {choices}")
+    for key in ("momentum", "dense"):
+        if not isinstance(group[key], bool):
+            fail(key, "True or False")
+
+
+class _Handles:
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def step_in_backward(model_or_params, optimizer):
+    """Run each parameter's SO step inside backward, as soon as its gradient is accumulated, and
+    free that gradient at once, so no two full gradients coexist. Returns a handle with .remove().
+    optimizer.step() afterwards is harmless: parameters without a gradient are skipped."""
+    if not isinstance(optimizer, SO):
+        raise TypeError(f"step_in_backward needs an SO optimizer, got {type(optimizer).__name__}")
+    if isinstance(model_or_params, torch.nn.Module):
+        model_or_params = model_or_params.parameters()
+    wanted = {id(p) for p in model_or_params}
+    return _Handles([p.register_post_accumulate_grad_hook(optimizer.step_param)
+                     for g in optimizer.param_groups for p in g["params"]
+                     if p.requires_grad and id(p) in wanted])

@@ -1,0 +1,274 @@
+"""SO as a torch optimizer: state, resume, seeding, step_in_backward, validation, edge cases."""
+import io
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from so import SO, step_in_backward
+from so.optim import _first_distinct, _mix64, _mix64_tensor, random_supports
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16),
+                         nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+def _batch(i):
+    gen = torch.Generator().manual_seed(100 + i)
+    return torch.randn(5, 3, 8, 8, generator=gen), torch.randint(0, 4, (5,), generator=gen)
+
+
+def _loss(model, i):
+    x, y = _batch(i)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _optimizer(model, seed=1, **kw):
+    params = [p for n, p in model.named_parameters() if "bias" not in n]
+    biases = [p for n, p in model.named_parameters() if "bias" in n]
+    return SO([{"params": params}, {"params": biases, "density": 0.5, "refresh_every": 2}],
+              lr=1e-2, density=0.05, refresh_every=3, weight_decay=0.01,
+              generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _train(model, opt, iters, start=0, hooks=False):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    for _ in range(start):
+        sched.step()
+    for i in range(start, start + iters):
+        _loss(model, i).backward()
+        if not hooks:
+            opt.step()
+        sched.step()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()")  # no optimizer.step
+def test_step_in_backward_equals_plain_loop():
+    plain, fused = _model(), _model()
+    opt_plain, opt_fused = _optimizer(plain), _optimizer(fused)
+    _train(plain, opt_plain, 12)
+    handle = step_in_backward(fused, opt_fused)
+    seen = []
+    for p in fused.parameters():  # the dense gradient is gone as soon as its step ran
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is None))
+    _train(fused, opt_fused, 12, hooks=True)
+    assert seen and all(seen)
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        assert torch.equal(a, b)
+        assert b.grad is None
+    before = [p.detach().clone() for p in fused.parameters()]
+    opt_fused.step()  # harmless: no parameter has a gradient
+    assert all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
+    handle.remove()
+    _loss(fused, 0).backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()")  # fast-forwarded
+def test_resume_equals_uninterrupted_run():
+    full = _model()
+    opt = _optimizer(full)
+    _train(full, opt, 11)
+
+    half = _model()
+    opt_half = _optimizer(half)
+    _train(half, opt_half, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": half.state_dict(), "opt": opt_half.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = _model(seed=7)
+    resumed.load_state_dict(saved["model"])
+    opt_resumed = _optimizer(resumed, seed=99)  # another seed: the saved one must win
+    opt_resumed.load_state_dict(saved["opt"])
+    state = opt_resumed.state[next(resumed.parameters())]
+    assert state["kept"].dtype == torch.int64 and state["exp_avg"].dtype == torch.float32
+    _train(resumed, opt_resumed, 6, start=5)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_keeps_index_and_moment_dtypes_for_bf16_params():
+    p = torch.randn(300, 200).bfloat16().requires_grad_()
+    opt = SO([p], density=0.01)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    q = p.detach().clone().requires_grad_()
+    opt2 = SO([q], density=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    for key in ("support", "kept", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt2.state[q][key], opt.state[p][key]), key
+        assert opt2.state[q][key].dtype == opt.state[p][key].dtype
+
+
+def test_seeding():
+    def supports(**kw):
+        p = torch.zeros(1000, requires_grad=True)
+        opt = SO([p], density=0.01, **kw)
+        p.grad = torch.ones(1000)
+        opt.step()
+        return opt.state[p]["support"]
+
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    assert torch.equal(supports(generator=gen(1)), supports(generator=gen(1)))
+    assert not torch.equal(supports(generator=gen(1)), supports(generator=gen(2)))
+    torch.manual_seed(3)
+    a = supports()
+    torch.manual_seed(3)
+    assert torch.equal(a, supports())
+
+
+def test_state_is_O_of_M():
+    p = torch.zeros(1000, 1000, requires_grad=True)
+    opt = SO([p], density=1e-3, refresh_every=2)
+    for _ in range(4):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    state = opt.state[p]
+    size = 1000
+    assert set(state) == {"step", "seed", "support", "kept", "exp_avg", "exp_avg_sq",
+                          "kept_in_support"}
+    assert state["support"].numel() == size and state["kept"].numel() == size
+    nbytes = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    assert nbytes == size * (8 + 8 + 4 + 4) + 8 * state["kept_in_support"].numel() <= 32 * size
+    assert int((p != 0).sum()) <= 4 * size  # at most 2M entries move per step
+
+
+def test_tiny_tensors_warn_once_and_still_train():
+    tiny, big = torch.zeros(3, requires_grad=True), torch.zeros(5000, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = SO([{"params": [tiny, big]}, {"params": [torch.zeros(2, requires_grad=True)]}],
+                 density=1e-3, lr=0.1)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "2 of 3 sparse tensors" in messages[0]
+    tiny.grad, big.grad = torch.ones(3), torch.ones(5000)
+    opt.step()
+    assert int((tiny != 0).sum()) == 1 and int((big != 0).sum()) == 5
+
+
+def test_params_without_grad_and_empty_groups():
+    a, b = torch.zeros(100, requires_grad=True), torch.zeros(100, requires_grad=True)
+    opt = SO([{"params": []}, {"params": [a, b]}], density=0.1, refresh_every=1, lr=0.1)
+    a.grad = torch.ones(100)
+    opt.step()
+    assert b.grad is None and torch.equal(b, torch.zeros(100)) and not opt.state[b]
+    assert opt.state[a]["step"] == 1
+    # from now on a and b are at different steps: each goes alone, same numbers as per-tensor steps
+    twin_a, twin_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    twin = SO([{"params": []}, {"params": [twin_a, twin_b]}], density=0.1, refresh_every=1, lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    for i in range(3):
+        g = torch.randn(2, 100, generator=torch.Generator().manual_seed(i))
+        a.grad, b.grad, twin_a.grad, twin_b.grad = g[0], g[1], g[0].clone(), g[1].clone()
+        opt.step()
+        twin.step_param(twin_b)
+        twin.step_param(twin_a)
+    assert opt.state[a]["step"] == 4 and opt.state[b]["step"] == 3
+    assert torch.equal(a, twin_a) and torch.equal(b, twin_b)
+
+
+def test_lr_change_is_honoured():
+    runs = []
+    for lr in (0.1, 0.0):
+        p = torch.zeros(50, requires_grad=True)
+        opt = SO([p], density=0.2, lr=0.1)
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.ones(50)
+        opt.step()
+        runs.append(p.detach().clone())
+    assert int((runs[0] != 0).sum()) == 10 and torch.equal(runs[1], torch.zeros(50))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(lr=-1.0), "lr"),
+    (dict(refresh_every=0), "refresh_every"), (dict(refresh_every=2.5), "refresh_every"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(grad_selection="magnitude"), "grad_selection"),
+    (dict(moment_selection="all"), "moment_selection"), (dict(support="fixed"), "support"),
+    (dict(momentum="yes"), "momentum"),
+])
+def test_validation(kwargs, key):
+    with pytest.raises(ValueError, match=f"'{key}' must be"):
+        SO([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_group_validation_names_the_group():
+    with pytest.raises(ValueError, match="param group 1: 'density' must be"):
+        SO([{"params": [torch.zeros(3, requires_grad=True)]},
+            {"params": [torch.zeros(3, requires_grad=True)], "density": 2}])
+    with pytest.raises(ValueError, match="not contiguous"):
+        p = torch.zeros(4, 5).t().requires_grad_()
+        opt = SO([p])
+        p.grad = torch.ones(5, 4)
+        opt.step()
+
+
+def test_splitmix_on_tensors_matches_python_ints():
+    x = torch.randint(-2**63, 2**63 - 1, (500,), generator=torch.Generator().manual_seed(0))
+    want = [_mix64(int(v) % 2**64) for v in x]
+    want = torch.tensor([w - 2**64 if w >= 2**63 else w for w in want])
+    assert torch.equal(_mix64_tensor(x), want)
+
+
+def test_random_supports_are_uniform_draws_without_replacement():
+    numels, sizes = [5, 10**7, 9, 1, 6], [2, 5000, 8, 1, 3]
+    out = random_supports(numels, sizes, [1, 2, 3, 4, 5], "cpu")
+    for n, m, idx in zip(numels, sizes, out):
+        assert idx.numel() == m and torch.equal(idx, idx.unique())
+        assert 0 <= idx.min() <= idx.max() < n
+    # every entry equally likely: counts over many streams of 2-of-5 and 4-of-6 (complement) draws
+    trials = 3000
+    for n, m in ((5, 2), (6, 4)):
+        drawn = random_supports([n] * trials, [m] * trials, list(range(trials)), "cpu")
+        counts = torch.bincount(torch.cat(drawn), minlength=n).double()
+        expected = trials * m / n
+        assert ((counts - expected).abs() < 5 * expected**0.5).all(), counts
+    # a stream that needs more draws than planned is extended; the draw is its first distinct values
+    deep = _first_distinct([3], [3], [42], "cpu")[0]
+    assert deep.tolist() == [0, 1, 2]
+
+
+def test_import_needs_only_torch():
+    code = ("import sys, so; from so import SO, step_in_backward; "
+            "bad = [m for m in ('open_clip', 'peft', 'hydra', 'omegaconf') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_draws_and_updates():
+    gen = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(s, generator=gen).requires_grad_() for s in [(64, 32), (100,)]]
+    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
+    opt_c, opt_g = SO(cpu, density=0.05, lr=1e-2), SO(gpu, density=0.05, lr=1e-2)
+    opt_g.seed = opt_c.seed
+    for _ in range(12):
+        grads = [torch.randn(p.shape, generator=gen) for p in cpu]
+        for p, q, g in zip(cpu, gpu, grads):
+            p.grad, q.grad = g, g.cuda()
+        opt_c.step()
+        opt_g.step()
+    for p, q in zip(cpu, gpu):
+        assert torch.equal(opt_c.state[p]["support"], opt_g.state[q]["support"].cpu())
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_helpers():
+    from scripts.bench_optimizer import clip_shapes, state_bytes, time_steps
+
+    shapes = clip_shapes()
+    assert len(shapes) == 96 and sum(a * b for a, b in shapes) == 122_683_392
+    params = [torch.zeros(64, 32, requires_grad=True) for _ in range(3)]
+    grads = [torch.ones(64, 32) for _ in params]
+    opt = SO(params, density=0.01)
+    median, mean, cpu = time_steps(opt, params, grads, 1, 3, torch.device("cpu"))
+    assert median > 0 and mean > 0 and cpu >= 0
+    assert all(p.grad is None for p in params) and all(int((p != 0).sum()) > 0 for p in params)
+    kept = [opt.state[p]["kept_in_support"].numel() for p in params]
+    assert state_bytes(opt) == sum(20 * (8 + 8 + 4 + 4) + 8 * k for k in kept)
