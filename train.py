@@ -115,11 +115,10 @@ def train_step(model, prompts, images, labels, optimizer, precision, device, tex
 
 def train(cfg, model, prompts, method, train_x, device, wandb_run=None):
     """Run the loop; return (iterations, stopped_early, last full-pass mean loss)."""
-    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    preprocess = model.visual.preprocess_cfg
     generator = torch.Generator().manual_seed(cfg.seed)
-    images = TrainImages(train_x, device, size, mean, std, generator=generator)
+    images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
+                         generator=generator)
     labels = torch.tensor([r.label for r in train_x], device=device)
     optimizer = method.optimizer
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.max_iters, eta_min=1e-6)

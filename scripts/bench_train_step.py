@@ -23,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datasets.pipeline import square_size  # noqa: E402
 from so.methods import build_method  # noqa: E402
 from so.model import build_clip  # noqa: E402
 from train import Prompts, autocast, train_step  # noqa: E402
@@ -56,8 +57,7 @@ def bench(method_name, classes, model_name, device, precision, batch_size, iters
     method = build_method(cfg, model, lr=float(cfg["lr"]), seed=0)
     dataset = SimpleNamespace(classnames=class_names(classes), templates=["a photo of a {}."])
     prompts = Prompts(dataset, tokenizer, device)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = square_size(model.visual.image_size)
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(classes, (batch_size,), device=device)
     text = None
