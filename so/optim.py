@@ -443,12 +443,12 @@ class SO(Optimizer):
             return
         sizes = [max(1, int(group["density"] * p.numel())) for p in params]
         due = self._refresh_supports(group, params, states, sizes)
-        # Tensors of a group normally share the step; one that skipped steps goes on its own.
-        by_step = {}
+        # Tensors of a group normally share the step and device; the others go in their own batch.
+        batches = {}
         for i in sorted(range(len(params)), key=sizes.__getitem__):  # equal sizes adjacent
-            by_step.setdefault(states[i]["step"], []).append(i)
+            batches.setdefault((states[i]["step"], params[i].device), []).append(i)
         keys = ("support", "kept", "exp_avg", "exp_avg_sq", "kept_in_support")
-        for step, idx in by_step.items():
+        for (step, _), idx in batches.items():
             cols = [[states[i][k] for i in idx] for k in keys]
             if group["moment_selection"] == "random":
                 streams = [_stream(states[i]["seed"], step, _MOMENT_DRAW) for i in idx]
@@ -475,15 +475,17 @@ class SO(Optimizer):
         """Step 1: draw new supports where due; returns the positions in params redrawn."""
         every = group["refresh_every"] if group["support"] == "dynamic" else math.inf
         due = [i for i, s in enumerate(states) if s["step"] == 1 or (s["step"] - 1) % every == 0]
-        if due and group["grad_selection"] == "topk":
+        if group["grad_selection"] == "topk":
             for i in due:
                 states[i]["support"] = topk_support(params[i].grad, params[i], sizes[i],
                                                     group["weight_decay"])
-        elif due:
-            streams = [_stream(states[i]["seed"], states[i]["step"], _SUPPORT_DRAW) for i in due]
-            drawn = random_supports([params[i].numel() for i in due], [sizes[i] for i in due],
-                                    streams, params[due[0]].device)
-            for i, support in zip(due, drawn):
+            return set(due)
+        for device in {params[i].device for i in due}:  # draws are keyed: batching is free
+            on = [i for i in due if params[i].device == device]
+            streams = [_stream(states[i]["seed"], states[i]["step"], _SUPPORT_DRAW) for i in on]
+            drawn = random_supports([params[i].numel() for i in on], [sizes[i] for i in on],
+                                    streams, device)
+            for i, support in zip(on, drawn):
                 states[i]["support"] = support
         return set(due)
 
