@@ -43,6 +43,7 @@ def main(cfg: DictConfig):
     dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
                             Path(cfg.cache_dir).expanduser(), templates=cfg.dataset.templates)
     model, eval_transform, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, device=device)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     config = OmegaConf.to_container(cfg, resolve=True)
     method = build_method(config["method"], model, lr=cfg.lr, seed=cfg.seed)
     results = train.run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, run_dir)
