@@ -41,7 +41,9 @@ def test_runs_to_max_iters_when_the_loss_stays_above_stop_loss(data):
 
 
 def test_stops_early_on_a_set_it_can_fit(data):
-    iterations, stopped_early, loss = run_train(data(1), 1e-3, max_iters=600, stop_loss=0.01)
+    dataset = data(1)  # one image per class, in one full batch
+    iterations, stopped_early, loss = run_train(dataset, 1e-3, max_iters=600, stop_loss=0.01,
+                                                batch_size=len(dataset.train_x))
     assert stopped_early and loss < 0.01 and iterations < 600
 
 
