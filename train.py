@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from datasets.pipeline import TrainImages, test_loader
 from so.methods import load_trained, save_trained
+from so.optim import SO
 from so.model import class_embeddings, tokenize
 from so.tracking import start_run
+from so.updates import UpdateCounts
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,9 @@ def train_step(model, prompts, images, labels, optimizer, precision, device, tex
     return loss.detach()
 
 
-def train(cfg, model, prompts, method, train_x, device, wandb_run=None):
-    """Run the loop; return (iterations, stopped_early, last full-pass mean loss)."""
+def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_counts=None):
+    """Run the loop; return (iterations, stopped_early, last full-pass mean loss). `update_counts`
+    (so.updates.UpdateCounts) counts what each SO step moved."""
     preprocess = model.visual.preprocess_cfg
     generator = torch.Generator().manual_seed(cfg.seed)
     images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
@@ -138,6 +141,8 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None):
             loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
                               device, None if text_trains else fixed_text)
             scheduler.step()
+            if update_counts is not None:
+                update_counts.update()
             loss_sum += loss * len(batch)
             seen += len(batch)
             iteration += 1
@@ -181,11 +186,19 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
     if cfg.eval_only:
         load_trained(method, model, checkpoint)
     elif method.optimizer is not None:
+        counts = None
+        if cfg.count_updates and isinstance(method.optimizer, SO):
+            counts = UpdateCounts(method.optimizer, {p: n for n, p in method.trainable.items()})
+        elif cfg.count_updates:
+            log.warning("count_updates=true ignored: method %s does not train with SO.", method.name)
         start = time.perf_counter()
-        iterations, stopped_early, final_loss = train(cfg, model, prompts, method, dataset.train_x, device, wandb_run)
+        iterations, stopped_early, final_loss = train(cfg, model, prompts, method, dataset.train_x, device,
+                                                      wandb_run, counts)
         seconds = time.perf_counter() - start
         if cfg.save:
             save_trained(method, model, checkpoint)
+        if counts is not None:
+            counts.save(run_dir / "update_counts.pt")
     top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
     log.info("final top-1: %.2f (%d iterations%s)", top1, iterations, ", stopped early" if stopped_early else "")
 

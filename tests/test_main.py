@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ["experiment=demo", "model=tiny", "dataset=synthetic"]  # the demo without its pretraining step
 FAST = ["logger=none", "num_workers=0", "max_iters=4"]
 
 
@@ -25,7 +26,7 @@ def results(tmp_path):
 
 
 def test_demo_writes_results_overrides_reach_the_harness_and_reruns_skip(tmp_path):
-    proc = main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3")
+    proc = main_py(tmp_path, *DEMO, *FAST, "shots=2", "seed=3")
     assert "zero-shot top-1" in proc.stdout and "final top-1" in proc.stdout
     (path, res), = results(tmp_path).items()
     assert path == "demo/synthetic/adam/2shot/seed3/results.json"
@@ -42,14 +43,14 @@ def test_demo_writes_results_overrides_reach_the_harness_and_reruns_skip(tmp_pat
 
     path = tmp_path / "out" / path
     path.write_text(json.dumps({"marker": True}))
-    proc = main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3")
+    proc = main_py(tmp_path, *DEMO, *FAST, "shots=2", "seed=3")
     assert "Skipping" in proc.stdout + proc.stderr and json.loads(path.read_text()) == {"marker": True}
-    main_py(tmp_path, "experiment=demo", *FAST, "shots=2", "seed=3", "force=true")
+    main_py(tmp_path, *DEMO, *FAST, "shots=2", "seed=3", "force=true")
     assert json.loads(path.read_text())["seed"] == 3
 
 
 def test_multirun_writes_one_results_file_per_trial(tmp_path):
-    main_py(tmp_path, "experiment=demo", *FAST, "seed=1,2", "shots=1,2", multirun=True)
+    main_py(tmp_path, *DEMO, *FAST, "seed=1,2", "shots=1,2", multirun=True)
     assert sorted(results(tmp_path)) == [f"demo/synthetic/adam/{k}shot/seed{s}/results.json"
                                          for k in (1, 2) for s in (1, 2)]
 
@@ -69,7 +70,7 @@ def test_unset_data_root_names_the_key(tmp_path, monkeypatch):
 
 def test_every_method_runs_the_demo(tmp_path):
     methods = ("so", "so_reference_cli", "adam", "lora", "dora", "zeroshot")
-    main_py(tmp_path, "experiment=demo", *FAST, f"method={','.join(methods)}", multirun=True)
+    main_py(tmp_path, *DEMO, *FAST, f"method={','.join(methods)}", multirun=True)
     found = {res["method"]: res for res in results(tmp_path).values()}
     assert sorted(found) == sorted(methods)
     assert found["zeroshot"]["iterations"] == 0 and found["zeroshot"]["trainable_params"] == 0
@@ -79,9 +80,9 @@ def test_every_method_runs_the_demo(tmp_path):
 
 
 def test_saved_training_evaluates_identically(tmp_path):
-    main_py(tmp_path, "experiment=demo", *FAST, "method=so,lora", "save=true", multirun=True)
+    main_py(tmp_path, *DEMO, *FAST, "method=so,lora", "save=true", multirun=True)
     trained = results(tmp_path)
     assert len(trained) == 2 and all((tmp_path / "out" / p).with_name("trained.pt").is_file() for p in trained)
-    main_py(tmp_path, "experiment=demo", *FAST, "method=so,lora", "eval_only=true", "force=true", multirun=True)
+    main_py(tmp_path, *DEMO, *FAST, "method=so,lora", "eval_only=true", "force=true", multirun=True)
     for path, reloaded in results(tmp_path).items():
         assert reloaded["iterations"] == 0 and reloaded["top1"] == trained[path]["top1"], path

@@ -21,7 +21,7 @@ def sweep(out, *args):
     # one thread per process: on a busy CPU, torch's default thread pool makes the trials several times slower
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DATASETS": "synthetic", "METHODS": "adam so",
            "SHOTS": "1 2", "SEEDS": "1 2", "NAME": "sweep"}
-    overrides = ["experiment=demo", "logger=none", "num_workers=0", "max_iters=2", "save=true",
+    overrides = ["experiment=demo", "model=tiny", "logger=none", "num_workers=0", "max_iters=2", "save=true", "count_updates=true",
                  f"out_root={out / 'out'}", f"cache_dir={out / 'cache'}"]
     proc = subprocess.run(["bash", "scripts/main_table.sh", *args, *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -116,6 +116,13 @@ def test_plot_updates_shows_sparse_so_and_dense_adam_changes(swept, plot_updates
     support = (so["entries"] * config["density"]).astype(int).clip(lower=1)
     assert (so["changed"] >= 1).all() and (so["changed"] <= support).all()
     assert (adam["changed"] / adam["entries"] > 0.99).all()  # dense Adam moves (nearly) every weight
+    # update counts (count_updates=true, SO only): both steps moved the same support, and only it
+    assert (so["max_updates"] == 2).all()
+    assert so["mean_updates"].tolist() == pytest.approx((2 * so["changed"] / so["entries"]).tolist())
+    assert "mean_updates" not in adam
+    for name in ("updates_maps_vision.png", "updates_maps_text.png", "updates_per_block.png"):
+        assert (out / "updates" / "so" / name).read_bytes().startswith(PNG)
+        assert not (out / "updates" / "adam" / name).exists()
 
 
 def test_launcher_configs_compose(monkeypatch, tmp_path):
