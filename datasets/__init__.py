@@ -1,4 +1,4 @@
-"""The 11 few-shot benchmarks and the synthetic one, behind one factory.
+"""The 11 few-shot benchmarks and the synthetic tasks, behind one factory.
 
     dataset = build_dataset("dtd", root="$DATA", shots=4, seed=1, cache_dir="~/.cache/so")
     dataset.classnames, dataset.templates, dataset.train_x, dataset.val, dataset.test
@@ -16,11 +16,12 @@ from .oxford_flowers import OxfordFlowers
 from .oxford_pets import OxfordPets
 from .stanford_cars import StanfordCars
 from .sun397 import SUN397
-from .synthetic import Synthetic
+from .synthetic import Synthetic, SyntheticCompositions, SyntheticShift
 from .ucf101 import UCF101
 
 BENCHMARKS = {b.name: b for b in (ImageNet, SUN397, FGVCAircraft, EuroSAT, StanfordCars, Food101, OxfordPets,
-                                  OxfordFlowers, Caltech101, DTD, UCF101, Synthetic)}
+                                  OxfordFlowers, Caltech101, DTD, UCF101, Synthetic, SyntheticCompositions,
+                                  SyntheticShift)}
 
 
 def build_dataset(name, root, shots, seed, cache_dir, templates="photo"):

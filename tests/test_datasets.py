@@ -109,16 +109,16 @@ def test_synthetic_goes_through_the_split_json_loader(tmp_path, synthetic_root):
     ds = datasets.build_dataset("synthetic", synthetic_root, 4, 1, tmp_path)
     assert issubclass(datasets.BENCHMARKS["synthetic"], Benchmark)  # and it uses the shared split-JSON reader
     assert datasets.BENCHMARKS["synthetic"].read_splits is Benchmark.read_splits
-    assert len(ds.classnames) == 10 and ds.classnames[0] == "red circle" and ds.classnames[-1] == "white crescent"
-    assert per_class(ds.test, 10) == [20] * 10 and per_class(ds.train_x, 10) == [4] * 10
+    assert len(ds.classnames) == 8 and ds.classnames[0] == "red circle" and ds.classnames[-1] == "pink heart"
+    assert per_class(ds.test, 8) == [20] * 8 and per_class(ds.train_x, 8) == [4] * 8
     split = json.loads((synthetic_root / synthetic.SPLIT_FILE).read_text())
-    assert [len(split[s]) for s in ("train", "val", "test")] == [320, 40, 200]
-    assert split["train"][0] == ["red_circle/train_000.jpg", 0, "red circle"]
+    assert [len(split[s]) for s in ("train", "val", "test")] == [256, 32, 160]
+    assert split["train"][0] == ["red_circle/train_000.png", 0, "red circle"]
 
 
 def test_synthetic_is_generated_once_deterministically_and_atomically(tmp_path, synthetic_root):
     a, b = synthetic_root, synthetic.generate(tmp_path / "b")
-    image = "images/blue_triangle/test_007.jpg"
+    image = "images/yellow_triangle/test_007.png"
     assert (a / image).read_bytes() == (b / image).read_bytes()
     assert (a / synthetic.SPLIT_FILE).read_bytes() == (b / synthetic.SPLIT_FILE).read_bytes()
     before = os.stat(b / image).st_mtime_ns
