@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The sandbox table: the main table's methods on the synthetic world's held-out tasks, with the tiny CLIP
+# pretrained on that world (model=tiny_pretrained), then aggregated like the paper's tables (tables.md,
+# table_<K>shot.csv, accuracy_vs_shots.png in outputs/sandbox_table/aggregate/). Runs offline on a CPU.
+# The checkpoint is pretrained first when missing (python -m so.sandbox.pretrain, a few minutes), so
+# parallel launchers never build it twice. Zero-shot runs once per task, as in scripts/main_table.sh.
+#
+# Usage: scripts/sandbox_table.sh [--dry-run] [--help] [HYDRA_OVERRIDE ...]
+#   --dry-run         list the trials, one per line on stdout (totals on stderr); launch nothing
+#   HYDRA_OVERRIDE    added to every trial, e.g. max_iters=300 logger=none num_workers=0, cache_dir=...
+# Environment (space-separated lists):
+#   DATASETS  default: "synthetic_compositions synthetic_shift"
+#   METHODS   default: "so lora adam zeroshot"
+#   SHOTS     default: "1 4 16"
+#   SEEDS     default: "1 2 3"
+#   NAME      experiment name, default: sandbox_table
+#   PYTHON    interpreter, default: python
+source "$(dirname "$0")/_sweep.sh"
+
+DATASETS="${DATASETS:-synthetic_compositions synthetic_shift}"
+METHODS="${METHODS:-so lora adam zeroshot}"
+SHOTS="${SHOTS:-1 4 16}"
+SEEDS="${SEEDS:-1 2 3}"
+NAME="${NAME:-sandbox_table}"
+parse_args "$@"
+
+override() {  # the value of key $1 among the overrides, or $2
+  local arg value="$2"
+  for arg in "${OVERRIDES[@]}"; do [[ $arg == "$1="* ]] && value="${arg#"$1="}"; done
+  echo "$value"
+}
+
+if ((!DRY_RUN)); then
+  cache_dir="$(override cache_dir "")"
+  (cd "$ROOT" && "$PYTHON" -m so.sandbox.pretrain ${cache_dir:+"cache_dir=$cache_dir"})
+fi
+read -ra shot_list <<<"$SHOTS"; read -ra seeds <<<"$SEEDS"
+trained=()
+for method in $METHODS; do [[ $method == zeroshot ]] || trained+=("$method"); done
+if [[ " $METHODS " == *" zeroshot "* ]]; then
+  sweep "$NAME" "$DATASETS" zeroshot "${shot_list[0]}" "${seeds[0]}" model=tiny_pretrained
+fi
+if ((${#trained[@]})); then
+  sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS" model=tiny_pretrained
+fi
+if ((!DRY_RUN)); then
+  results="$(override out_root outputs)/$NAME"
+  [[ $results == /* ]] || results="$ROOT/$results"
+  "$PYTHON" "$ROOT/scripts/aggregate.py" "$results" || FAILED+=("aggregate")
+fi
+finish
