@@ -5,9 +5,7 @@ vision tower, logits = 100 * cosine, cross-entropy, optimizer and cosine-LR step
 the mean loss over a full pass of the few-shot set is below `stop_loss`, or at `max_iters`.
 """
 import fcntl
-import json
 import logging
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets.base import write_json_atomic
 from datasets.pipeline import TrainImages, test_loader
 from so.methods import load_trained, save_trained
 from so.optim import SO
@@ -161,13 +160,6 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     return iteration, stopped_early, pass_loss
 
 
-def write_json_atomic(path, data):
-    """Write to a temporary file and rename, so no partial results.json is ever left behind."""
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, run_dir):
     """One trial: zero-shot eval, training, final eval; writes run_dir/results.json and returns it.
     `config` is the resolved config as a plain dict, recorded in results.json and W&B."""
@@ -219,7 +211,7 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
         "device": str(device),
         "config": config,
     }
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / "results.json", results, indent=2)  # atomic: no partial results.json
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in results.items() if k != "config"})
         wandb_run.finish()

@@ -72,8 +72,8 @@ def write_atomic(path, data):
         raise
 
 
-def write_json_atomic(path, obj):
-    write_atomic(path, json.dumps(obj).encode("utf-8"))
+def write_json_atomic(path, obj, indent=None):
+    write_atomic(path, json.dumps(obj, indent=indent).encode("utf-8"))
 
 
 def read_split_json(path, image_dir, dataset_dir, name):
