@@ -5,10 +5,12 @@ attn.out_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight), with random gradients
 
     python scripts/bench_optimizer.py --json [--device cpu cuda] [--densities 5e-5 5e-4 5e-3]
 
-Prints one JSON object per measurement (--json) or a table. Times are medians over --repeats steps
-after warm-up: `median_ms` wall clock, `cpu_ms` process CPU time (all threads; on CPU it is less
-disturbed by other processes on a shared machine); `mean_ms` includes SO's support redraws
-(one step in refresh_every).
+Prints one JSON object per measurement (--json) or a table. The optimizers step in turns on the same
+tensors (one step of each Adam, then 4 of each SO, round after round), so the ratios hold on a busy
+machine. Times are medians over about --repeats SO steps (a quarter as many Adam steps) after
+warm-up: `median_ms` wall clock, `cpu_ms` process CPU time (all threads); `mean_ms` includes SO's
+support redraws (one step in refresh_every). `vs_adam_*`: the median over rounds of SO's time
+over Adam's in the same round.
 """
 import argparse
 import json
@@ -36,26 +38,53 @@ def clip_shapes():
 
 
 def state_bytes(opt):
+    """Optimizer-state bytes (SO counts its internal buffers too)."""
+    if isinstance(opt, SO):
+        return opt.state_bytes()
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if torch.is_tensor(v))
 
 
-def time_steps(opt, params, grads, warmup, repeats, device):
-    """(median wall ms, mean wall ms, median process CPU ms) of opt.step()."""
-    wall, cpu = [], []
-    for i in range(warmup + repeats):
-        for p, g in zip(params, grads):  # SO frees .grad every step: hand the same gradients back
-            p.grad = g
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            wall.append(1e3 * (time.perf_counter() - start))
-            cpu.append(1e3 * (time.process_time() - start_cpu))
+def time_step(opt, params, grads, device):
+    """(wall ms, process CPU ms) of one opt.step() on the given gradients."""
+    for p, g in zip(params, grads):  # SO frees .grad every step: hand the same gradients back
+        p.grad = g
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - start), 1e3 * (time.process_time() - start_cpu)
+
+
+def time_interleaved(opts, params, grads, rounds, warmup, device):
+    """Per optimizer, per timed round, the (wall ms, process CPU ms) of its steps. opts maps a
+    name to (optimizer, steps per round); the optimizers take turns, round after round, so a
+    shared machine's slow and quiet spells fall on all of them alike. The first `warmup` rounds
+    are not timed."""
+    times = {name: [] for name in opts}
+    for r in range(warmup + rounds):
+        for name, (opt, steps) in opts.items():
+            took = [time_step(opt, params, grads, device) for _ in range(steps)]
+            if r >= warmup:
+                times[name].append(took)
+    return times
+
+
+def summary(rounds):
+    """(median wall ms, mean wall ms, median process CPU ms) over all steps of all rounds."""
+    wall = [w for steps in rounds for w, _ in steps]
+    cpu = [c for steps in rounds for _, c in steps]
     return statistics.median(wall), statistics.fmean(wall), statistics.median(cpu)
+
+
+def paired_ratio(rounds, reference, column):
+    """Median over rounds of (median time in the round / the reference's median in the same
+    round): SO's cost relative to Adam, with the machine's speed drifts cancelled."""
+    return statistics.median(
+        statistics.median(x[column] for x in a) / statistics.median(y[column] for y in b)
+        for a, b in zip(rounds, reference))
 
 
 def bench_device(device, densities, repeats, refresh_every):
@@ -66,28 +95,33 @@ def bench_device(device, densities, repeats, refresh_every):
     common = dict(device=str(device), tensors=len(params), numel=CLIP_VIT_B16_NUMEL,
                   threads=torch.get_num_threads(),
                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    rows = []
+    rows, opts, so_steps = {}, {}, 4  # per round: one step of each Adam, so_steps of each SO
     for name, kw in (("adam_foreach", dict(foreach=True)), ("adam_fused", dict(fused=True))):
         try:
-            opt = torch.optim.Adam(params, lr=1e-6, **kw)
-            median, mean, cpu = time_steps(opt, params, grads, 2, max(3, repeats // 4), device)
+            opts[name] = (torch.optim.Adam(params, lr=1e-6, **kw), 1)
+            time_step(opts[name][0], params, grads, device)
         except RuntimeError as err:  # fused Adam is missing on some devices and torch versions
-            rows.append(dict(common, optimizer=name, error=str(err).splitlines()[0]))
-            continue
-        rows.append(dict(common, optimizer=name, density=1.0, median_ms=median, mean_ms=mean,
-                         cpu_ms=cpu, state_bytes=state_bytes(opt)))
-        del opt
-    adam = {r["optimizer"]: r for r in rows if "median_ms" in r}
+            rows[name] = dict(common, optimizer=name, error=str(err).splitlines()[0])
+            opts.pop(name)
     for density in densities:
-        opt = SO(params, lr=1e-6, density=density, refresh_every=refresh_every)
-        median, mean, cpu = time_steps(opt, params, grads, refresh_every + 1, repeats, device)
-        row = dict(common, optimizer="so", density=density, refresh_every=refresh_every,
-                   median_ms=median, mean_ms=mean, cpu_ms=cpu, state_bytes=state_bytes(opt))
-        for name, a in adam.items():  # SO step time as a fraction of Adam's
-            row[f"vs_{name}"] = median / a["median_ms"]
-            row[f"cpu_vs_{name}"] = cpu / a["cpu_ms"]
-        rows.append(row)
-    return rows
+        opts[density] = (SO(params, lr=1e-6, density=density, refresh_every=refresh_every),
+                         so_steps)
+    rounds = max(1, -(-repeats // so_steps))
+    warmup = max(2, -(-(refresh_every + 1) // so_steps))  # past SO's first redraws
+    timed = time_interleaved(opts, params, grads, rounds, warmup, device)
+    for name, (opt, _) in opts.items():
+        median, mean, cpu = summary(timed[name])
+        if name in densities:
+            rows[name] = dict(common, optimizer="so", density=name, refresh_every=refresh_every)
+        else:
+            rows[name] = dict(common, optimizer=name, density=1.0)
+        rows[name].update(median_ms=median, mean_ms=mean, cpu_ms=cpu, state_bytes=state_bytes(opt))
+    adam = [name for name in opts if name not in densities]
+    for density in densities:  # SO step time as a fraction of Adam's, round by round
+        for name in adam:
+            rows[density][f"vs_{name}"] = paired_ratio(timed[density], timed[name], 0)
+            rows[density][f"cpu_vs_{name}"] = paired_ratio(timed[density], timed[name], 1)
+    return list(rows.values())
 
 
 def main():
@@ -96,7 +130,7 @@ def main():
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"],
                         default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--densities", nargs="+", type=float, default=[5e-5, 5e-4, 5e-3])
-    parser.add_argument("--repeats", type=int, default=20, help="timed SO steps (Adam: a quarter)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps of each SO (Adam: a quarter)")
     parser.add_argument("--refresh-every", type=int, default=10)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()

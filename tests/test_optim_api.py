@@ -134,11 +134,13 @@ def test_state_is_O_of_M():
         opt.step()
     state = opt.state[p]
     size = 1000
-    assert set(state) == {"step", "seed", "support", "kept", "exp_avg", "exp_avg_sq",
-                          "kept_in_support"}
+    assert set(state) == {"step", "seed", "support", "kept", "exp_avg", "exp_avg_sq"}
     assert state["support"].numel() == size and state["kept"].numel() == size
     nbytes = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-    assert nbytes == size * (8 + 8 + 4 + 4) + 8 * state["kept_in_support"].numel() <= 32 * size
+    assert nbytes == size * (8 + 8 + 4 + 4)
+    # the batched step's rows: at most 2M slots of index, m, v, two float masks, g and the
+    # update; M positions of G
+    assert nbytes < opt.state_bytes() <= nbytes + 2 * size * (8 + 6 * 4) + 8 * size
     assert int((p != 0).sum()) <= 4 * size  # at most 2M entries move per step
 
 
@@ -263,15 +265,25 @@ def test_cuda_matches_cpu_draws_and_updates():
 
 
 def test_bench_helpers():
-    from scripts.bench_optimizer import clip_shapes, state_bytes, time_steps
+    from scripts.bench_optimizer import (clip_shapes, paired_ratio, state_bytes, summary,
+                                         time_interleaved, time_step)
 
     shapes = clip_shapes()
     assert len(shapes) == 96 and sum(a * b for a, b in shapes) == 122_683_392
     params = [torch.zeros(64, 32, requires_grad=True) for _ in range(3)]
     grads = [torch.ones(64, 32) for _ in params]
     opt = SO(params, density=0.01)
-    median, mean, cpu = time_steps(opt, params, grads, 1, 3, torch.device("cpu"))
+    times = time_interleaved({"so": (opt, 2)}, params, grads, 2, 1, torch.device("cpu"))
+    assert list(times) == ["so"] and [len(r) for r in times["so"]] == [2, 2]
+    assert opt.state[params[0]]["step"] == 6
+    median, mean, cpu = summary(times["so"])
     assert median > 0 and mean > 0 and cpu >= 0
+    so = [[(1.0, 0.5), (3.0, 0.5)], [(8.0, 1.0), (8.0, 1.0)], [(1.0, 1.0), (1.0, 1.0)]]
+    adam = [[(20.0, 5.0)], [(80.0, 10.0)], [(5.0, 5.0)]]  # the machine slows down in round 2
+    assert summary(so) == (2.0, 22 / 6, 1.0)
+    assert paired_ratio(so, adam, 0) == 0.1 and paired_ratio(so, adam, 1) == 0.1
     assert all(p.grad is None for p in params) and all(int((p != 0).sum()) > 0 for p in params)
-    kept = [opt.state[p]["kept_in_support"].numel() for p in params]
-    assert state_bytes(opt) == sum(20 * (8 + 8 + 4 + 4) + 8 * k for k in kept)
+    assert state_bytes(opt) == opt.state_bytes() > 3 * 20 * (8 + 8 + 4 + 4)
+    adam = torch.optim.Adam(params)
+    time_step(adam, params, grads, torch.device("cpu"))
+    assert state_bytes(adam) == 3 * 2 * 64 * 32 * 4 + 3 * 4  # two fp32 moments, a step each

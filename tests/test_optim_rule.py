@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from so import SO
-from so.optim import so_update, so_update_batched
+from so.optim import _Rows, so_update, so_update_batched
 
 SHAPES = [(40,), (12, 10), (3, 4, 5, 2)]
 STEPS = 50
@@ -81,13 +81,13 @@ class Reference:
                 assert abs(float(score[i]) - cut) <= 1e-5 * cut, (sorted(got), sorted(want))
 
 
-def _assert_canonical_order(state):
-    """kept = [its entries in the support (at kept_in_support), in support order; the rest
-    ascending]."""
-    kept, support, at = state["kept"], state["support"], state["kept_in_support"]
-    assert torch.equal(kept[: at.numel()], support[at]) and torch.equal(at, at.unique())
-    rest = kept[at.numel():]
-    assert torch.equal(rest, rest.sort().values) and not torch.isin(rest, support).any()
+def _assert_canonical_order(kept, support):
+    """kept = [its entries in the support, in support order (ascending); the rest ascending]."""
+    in_support = torch.isin(kept, support)
+    count = int(in_support.sum())
+    assert in_support[:count].all() and not in_support[count:].any()
+    for part in (kept[:count], kept[count:]):
+        assert torch.equal(part, part.sort().values)
 
 
 # density, refresh_every, weight_decay, grad_selection, moment_selection, support, momentum
@@ -137,7 +137,7 @@ def test_matches_reference(case):
             ref.step(t, lr, g, state["support"], state["kept"])
             kept = state["kept"]
             assert torch.equal(kept.sort().values, torch.nonzero(ref.kept).squeeze(1))
-            _assert_canonical_order(state)
+            _assert_canonical_order(kept, state["support"])
             torch.testing.assert_close(p.detach().reshape(-1).double(), ref.w, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(state["exp_avg"].double(), ref.m[kept], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(state["exp_avg_sq"].double(), ref.v[kept], rtol=1e-5,
@@ -204,25 +204,30 @@ def test_dense_group_is_adam_next_to_sparse_group():
 
 @pytest.mark.parametrize("moment_selection", ["topk", "random", "dense"])
 def test_batched_core_equals_per_tensor_core(moment_selection):
-    """Six steps on tensors of equal and different sizes, the supports redrawn every other step;
-    the first kept sets are arbitrary (unsorted, overlapping the supports)."""
+    """Nine steps on tensors of equal and different sizes, the supports redrawn every third step
+    (so_update_batched), _Rows in between; the first kept sets are arbitrary (unsorted,
+    overlapping the supports). eps = 0: the dead slots of the rows must not turn into 0 / 0."""
     gen = torch.Generator().manual_seed(6)
     numels, sizes = [20, 31, 31, 64, 9], [7, 5, 5, 7, 6]
     flats = [torch.randn(n, generator=gen) for n in numels]
     twins = [f.clone() for f in flats]
     state = [[torch.randperm(n, generator=gen)[:m] for n, m in zip(numels, sizes)],
              [torch.randn(m, generator=gen) for m in sizes],
-             [torch.rand(m, generator=gen) for m in sizes], [None] * len(sizes)]
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+             [torch.rand(m, generator=gen) for m in sizes]]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.1,
                  moment_selection=moment_selection)
     streams = [11, -12, 13, 14, 15]
-    for step in range(1, 7):
+    for step in range(1, 10):
         grads = [torch.randn(n, generator=gen) for n in numels]
-        if step % 2:
+        if step % 3 == 1:
             supports = [torch.randperm(n, generator=gen)[:m].sort().values
                         for n, m in zip(numels, sizes)]
-        out = so_update_batched(twins, grads, supports, *state, refreshed=step % 2 == 1, step=step,
-                                sizes=sizes, streams=streams, **hyper)
+            out, rows = _Rows.update(twins, grads, supports, *state, step=step, sizes=sizes,
+                                     streams=streams, **hyper)
+        else:
+            assert rows.fits([{"kept": k, "support": g} for k, g in zip(state[0], supports)],
+                             sizes, step)
+            out = rows(twins, grads, step=step, streams=streams, **hyper)
         for i in range(len(numels)):
             one = so_update(flats[i], grads[i], supports[i], state[0][i], state[1][i], state[2][i],
                             step=step, size=sizes[i], stream=streams[i], **hyper)
@@ -244,8 +249,8 @@ def test_prune_ties_go_to_the_lower_index():
     one = so_update(flat.clone(), grad, support, kept, m, v, **hyper)
     assert one[0].tolist() == [2, 3] and one[1].tolist() == [0.5, 0.5]
     hyper.pop("size")
-    batched = so_update_batched([flat.clone()], [grad], [support], [kept], [m], [v], [None],
-                                refreshed=True, sizes=[2], streams=[0], **hyper)
+    batched = so_update_batched([flat.clone()], [grad], [support], [kept], [m], [v], sizes=[2],
+                                streams=[0], **hyper)
     assert batched[0][0].tolist() == [2, 3]
 
 
