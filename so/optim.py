@@ -351,10 +351,12 @@ class _Rows:
     are dead (m = v = 0, update 0, never candidates). Rows of tensors with equal M share one width
     (padded with dead slots) so that the prune is one topk per width. A step is then a fixed
     sequence of ops: nothing is sorted or matched, and the only data-dependent shape is the final
-    compaction of S. Same numbers as so_update_batched. Built from its outputs (`update`), used
-    while `fits` holds: the SO state still holds the tensors this batch wrote."""
+    compaction of S, which waits until the state is read (`write_out`). Same numbers as
+    so_update_batched. Built from its outputs (`update`), used while `fits` holds: the SO state
+    still holds the tensors this batch wrote."""
 
-    def __init__(self, supports, kepts, exp_avgs, exp_avg_sqs, kept_in_supports, sizes, step):
+    def __init__(self, states, supports, kepts, exp_avgs, exp_avg_sqs, kept_in_supports, sizes,
+                 step):
         dev, n = supports[0].device, len(supports)
         in_G = [p.numel() for p in kept_in_supports]
         kept_sizes = [k.numel() for k in kepts]
@@ -370,7 +372,7 @@ class _Rows:
             total, i = total + (j - i) * width, j
         starts = _starts(padded)
         self.padded, self.sizes, self.widths, self.step = padded, sizes, widths, step
-        self.supports, self.kepts = supports, kepts
+        self.states, self.supports, self.kepts, self.pending = states, supports, kepts, False
         self.at_G = _ranges(starts, sizes, dev)
         # S_i = [G_i[kept_in_support_i]; O_i]: where each entry of S goes
         to_K = _ranges([s + m - c for s, m, c in zip(starts, sizes, in_G)], kept_sizes, dev)
@@ -391,12 +393,13 @@ class _Rows:
         self.slots = [(self.index[s:s + w], self.delta[s:s + w]) for s, w in zip(starts, widths)]
 
     @classmethod
-    def update(cls, flats, grads, supports, kepts, exp_avgs, exp_avg_sqs, *, sizes, step,
-               **hyper):
-        """so_update_batched, and the rows for the steps until the next redraw."""
-        out = so_update_batched(flats, grads, supports, kepts, exp_avgs, exp_avg_sqs, sizes=sizes,
-                                step=step, **hyper)
-        return out[:3], cls(supports, *out, sizes, step)
+    def update(cls, states, flats, grads, *, sizes, step, **hyper):
+        """so_update_batched on the tensors whose SO states are `states` (dicts, written in
+        place), and the rows for their steps until the next redraw."""
+        cols = [[s[k] for s in states] for k in ("support",) + _MOMENT_STATE]
+        out = so_update_batched(flats, grads, *cols, sizes=sizes, step=step, **hyper)
+        _write(states, out[:3])
+        return cls(states, cols[0], *out, sizes, step)
 
     def fits(self, states, sizes, step):
         return (step == self.step + 1 and sizes == self.sizes and len(states) == len(self.kepts)
@@ -418,7 +421,7 @@ class _Rows:
 
     def __call__(self, flats, grads, *, step, lr, beta1, beta2, eps, weight_decay,
                  moment_selection, streams):
-        """One step; returns lists (kept, exp_avg, exp_avg_sq) in canonical order."""
+        """One step; the states are written out when read (write_out)."""
         for f, gr, s, out in zip(flats, grads, self.supports, self.g_rows):
             _grad_at(f, gr, s, weight_decay, out=out)
         _moments(self.m, self.v, self.g, beta1, beta2)  # g: 0 outside G's slots
@@ -426,7 +429,7 @@ class _Rows:
         for f, (index, delta) in zip(flats, self.slots):
             _subtract_at(f, index, delta)
         if moment_selection == "dense":
-            keep, counts = 1 - self.dead, self.widths
+            self.keep, self.counts = 1 - self.dead, self.widths
         else:
             keys = self._keys(moment_selection, streams)
             keep = torch.zeros_like(self.dead)
@@ -441,12 +444,23 @@ class _Rows:
             self.m.mul_(keep)  # m = v = 0 outside S (-0.0 for some: the same numbers)
             self.v.mul_(keep)
             self.dead = torch.sub(self.outside_G, keep).clamp_(min=0)
-            counts = self.sizes
-        self.step = step
-        at = _where(keep.bool())  # row order is canonical: G's entries (ascending), then O's
-        out = [_at(x, at).split(counts) for x in (self.index, self.m, self.v)]
-        self.kepts = out[0]
-        return out
+            self.keep, self.counts = keep, self.sizes
+        self.step, self.pending = step, True
+
+    def write_out(self):
+        """Write S and its moments of the last step into the states, in canonical order."""
+        at = _where(self.keep.bool())  # row order: G's entries (ascending), then O's
+        out = [_at(x, at).split(self.counts) for x in (self.index, self.m, self.v)]
+        _write(self.states, out)
+        self.kepts, self.pending = out[0], False
+
+
+_MOMENT_STATE = ("kept", "exp_avg", "exp_avg_sq")
+
+
+def _write(states, columns):
+    for state, values in zip(states, zip(*columns)):
+        state.update(zip(_MOMENT_STATE, values))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,9 +471,10 @@ class SO(Optimizer):
 
     Per-parameter state: step (int), seed (int), support (G, sorted), kept (S: its entries in G
     in G's order, then the others ascending), exp_avg and exp_avg_sq (fp32, aligned with kept).
-    Dense groups keep step, seed, exp_avg and exp_avg_sq shaped like the parameter. The state is
-    written out at every step; to change it, load a state_dict (in-place edits of its tensors
-    are not seen by the batched step). `generator` (or the global torch RNG) seeds every draw."""
+    Dense groups keep step, seed, exp_avg and exp_avg_sq shaped like the parameter. Between
+    redraws, kept, exp_avg and exp_avg_sq are written out of the batched step's buffers when
+    `state` is read; to change them, load a state_dict (in-place edits of those tensors are not
+    seen by the batched step). `generator` (or the global torch RNG) seeds every draw."""
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  density=5e-4, refresh_every=10, grad_selection="random", moment_selection="topk",
@@ -471,10 +486,34 @@ class SO(Optimizer):
         _check_group(defaults, "SO()")
         self._tiny = [0, 0]  # sparse tensors with floor(density * numel) = 0, and all, as added
         self._rows = {}  # per group: {batch: _Rows}, rebuilt from the state whenever it changed
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # sets self.state
         self._warn_tiny()
         device = generator.device if generator is not None else "cpu"
         self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+
+    @property
+    def state(self):
+        """Per-parameter state (torch.optim.Optimizer.state); the batched step writes S and its
+        moments out of its buffers when this is read."""
+        self._write_out()
+        return self._state
+
+    @state.setter
+    def state(self, state):
+        self._state = state
+
+    def __setstate__(self, state):  # Optimizer.load_state_dict and unpickling come through here
+        state = dict(state)
+        if "state" in state:
+            self._state = state.pop("state")
+        self.__dict__.setdefault("_rows", {})
+        super().__setstate__(state)
+
+    def _write_out(self):
+        for rows in self._rows.values():
+            for r in rows.values():
+                if r.pending:
+                    r.write_out()
 
     def add_param_group(self, param_group):
         group = {**self.defaults, **param_group}
@@ -511,6 +550,7 @@ class SO(Optimizer):
         """Apply the step of one parameter now (step_in_backward's hook); no-op without grad."""
         if param.grad is None:
             return
+        self._write_out()  # the per-tensor core reads S from the state
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
                 return self._step_group(group, [param], batched=False)
@@ -522,7 +562,7 @@ class SO(Optimizer):
                              "(e.g. channels_last); SO indexes it flat, call .contiguous() first")
         if param.numel() >= 2**32:
             raise ValueError(f"SO: parameter of shape {tuple(param.shape)} has >= 2**32 entries")
-        state = self.state[param]
+        state = self._state[param]
         state["step"] = 0
         state["seed"] = _mix64(self.seed + (position + 1) * _GAMMA)
         if dense:
@@ -537,13 +577,13 @@ class SO(Optimizer):
     def _step_group(self, group, params, batched):
         if any(p.grad.is_sparse for p in params):
             raise ValueError("SO does not support sparse gradients")
-        if any(not self.state[p] for p in params):
+        if any(not self._state[p] for p in params):
             everything = chain(*(g["params"] for g in self.param_groups))
             position = {id(p): i for i, p in enumerate(everything)}
             for p in params:
-                if not self.state[p]:
+                if not self._state[p]:
                     self._init_state(p, group["dense"], position[id(p)])
-        states = [self.state[p] for p in params]
+        states = [self._state[p] for p in params]
         for s in states:
             s["step"] += 1
         beta1, beta2 = group["betas"]
@@ -560,35 +600,31 @@ class SO(Optimizer):
         batches = {}
         for i in sorted(range(len(params)), key=sizes.__getitem__):  # equal sizes adjacent
             batches.setdefault((states[i]["step"], params[i].device), []).append(i)
-        keys = ("kept", "exp_avg", "exp_avg_sq")
         rows = {}  # this group's _Rows by batch, for the next step
         for (step, device), idx in batches.items():
-            supports = [states[i]["support"] for i in idx]
-            cols = [[states[i][k] for i in idx] for k in keys]
             if group["moment_selection"] == "random":
                 streams = [_stream(states[i]["seed"], step, _MOMENT_DRAW) for i in idx]
             else:
                 streams = [0] * len(idx)
             args = dict(step=step, moment_selection=group["moment_selection"], **hyper)
             flats, grads = [params[i].view(-1) for i in idx], [params[i].grad for i in idx]
-            if batched:
-                batch = (device, *(id(params[i]) for i in idx))
-                rows[batch] = self._rows.get(id(group), {}).get(batch)
-                if idx[0] in due or not (rows[batch] and rows[batch].fits(
-                        [states[i] for i in idx], [sizes[i] for i in idx], step)):
-                    out, rows[batch] = _Rows.update(flats, grads, supports, *cols,
-                                                    sizes=[sizes[i] for i in idx],
-                                                    streams=streams, **args)
-                else:
-                    out = rows[batch](flats, grads, streams=streams, **args)
+            batch_states, batch_sizes = [states[i] for i in idx], [sizes[i] for i in idx]
+            if not batched:
+                (state,) = batch_states
+                out = so_update(flats[0], grads[0], *(state[k] for k in ("support",)
+                                                      + _MOMENT_STATE),
+                                size=batch_sizes[0], stream=streams[0], **args)
+                _write(batch_states, [[x] for x in out[:3]])
+                continue
+            batch = (device, *(id(params[i]) for i in idx))
+            rows[batch] = self._rows.get(id(group), {}).get(batch)
+            if idx[0] in due or not (rows[batch] and rows[batch].fits(batch_states, batch_sizes,
+                                                                       step)):
+                self._write_out()  # the redraw reads S from the states
+                rows[batch] = _Rows.update(batch_states, flats, grads, sizes=batch_sizes,
+                                           streams=streams, **args)
             else:
-                (i,) = idx
-                out = so_update(flats[0], grads[0], supports[0], *(c[0] for c in cols),
-                                size=sizes[i], stream=streams[0], **args)
-                out = [[x] for x in out[:3]]
-            for j, i in enumerate(idx):
-                for key, values in zip(keys, out):
-                    states[i][key] = values[j]
+                rows[batch](flats, grads, streams=streams, **args)
         if batched:
             self._rows[id(group)] = rows
         for p in params:
@@ -628,8 +664,8 @@ class SO(Optimizer):
         # fp32 moments included): put the saved tensors back as they were afterwards.
         saved_ids = chain(*(g["params"] for g in state_dict["param_groups"]))
         by_id = dict(zip(saved_ids, chain(*(g["params"] for g in self.param_groups))))
+        self._rows = {}  # their buffers belong to the state being replaced
         super().load_state_dict(state_dict)
-        self._rows = {}
         for pid, saved in state_dict["state"].items():
             param = by_id[pid]
             for key, value in saved.items():

@@ -178,6 +178,38 @@ def test_params_without_grad_and_empty_groups():
     assert torch.equal(a, twin_a) and torch.equal(b, twin_b)
 
 
+def test_state_written_out_when_read_equals_state_read_every_step():
+    """The batched step writes S out of its buffers only when `state` is read: a run that never
+    reads it (with redraws, a tensor skipping steps, a resume and step_param mixed in) ends with
+    the same parameters and state as one that reads it after every step."""
+    def run(read):
+        gen = torch.Generator().manual_seed(8)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in [(30, 20), (600,), (50,)]]
+        opt = SO(params, lr=1e-2, density=0.05, refresh_every=4, weight_decay=0.01,
+                 generator=torch.Generator().manual_seed(9))
+        for t in range(14):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 2 and t in (5, 6)) else torch.randn(p.shape, generator=gen)
+            if t == 10:
+                opt.step_param(params[1])  # a per-tensor step between batched ones
+            opt.step()
+            if t == 7:
+                saved = opt.state_dict()
+                opt = SO(params, lr=1e-2, density=0.05, refresh_every=4, weight_decay=0.01)
+                opt.load_state_dict(saved)
+            if read:
+                assert opt.state[params[0]]["exp_avg"].numel() == 30
+        return params, opt.state_dict()["state"]
+
+    (eager, eager_state), (lazy, lazy_state) = run(True), run(False)
+    for a, b in zip(eager, lazy):
+        assert torch.equal(a, b)
+    for key in eager_state:
+        assert eager_state[key]["step"] == lazy_state[key]["step"] and eager_state[key]["step"] > 9
+        for name in ("support", "kept", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(eager_state[key][name], lazy_state[key][name])
+
+
 def test_lr_change_is_honoured():
     runs = []
     for lr in (0.1, 0.0):

@@ -219,15 +219,23 @@ def test_batched_core_equals_per_tensor_core(moment_selection):
     streams = [11, -12, 13, 14, 15]
     for step in range(1, 10):
         grads = [torch.randn(n, generator=gen) for n in numels]
+        states = [dict(zip(("kept", "exp_avg", "exp_avg_sq"), x)) for x in zip(*state)]
         if step % 3 == 1:
             supports = [torch.randperm(n, generator=gen)[:m].sort().values
                         for n, m in zip(numels, sizes)]
-            out, rows = _Rows.update(twins, grads, supports, *state, step=step, sizes=sizes,
-                                     streams=streams, **hyper)
+            for s, g in zip(states, supports):
+                s["support"] = g
+            rows = _Rows.update(states, twins, grads, step=step, sizes=sizes, streams=streams,
+                                **hyper)
         else:
-            assert rows.fits([{"kept": k, "support": g} for k, g in zip(state[0], supports)],
-                             sizes, step)
-            out = rows(twins, grads, step=step, streams=streams, **hyper)
+            for s, g in zip(states, supports):
+                s["support"] = g
+            rows.states = states
+            assert rows.fits(states, sizes, step)
+            rows(twins, grads, step=step, streams=streams, **hyper)
+            assert rows.pending and states[0]["kept"] is state[0][0]  # not written out yet
+            rows.write_out()
+        out = [[s[k] for s in states] for k in ("kept", "exp_avg", "exp_avg_sq")]
         for i in range(len(numels)):
             one = so_update(flats[i], grads[i], supports[i], state[0][i], state[1][i], state[2][i],
                             step=step, size=sizes[i], stream=streams[i], **hyper)
@@ -236,7 +244,7 @@ def test_batched_core_equals_per_tensor_core(moment_selection):
                 assert torch.equal(a, b)
             union = torch.cat([state[0][i], supports[i]]).unique()
             assert one[0].numel() == (union.numel() if moment_selection == "dense" else sizes[i])
-        state = [list(x) for x in out]
+        state = out
 
 
 def test_prune_ties_go_to_the_lower_index():
