@@ -15,11 +15,11 @@ momentum=False is b1 = 0. A group with dense=True is plain Adam (coupled L2, fp3
 
 Code: `so_update` is the per-tensor core and reads like the rule; `so_update_batched` runs steps
 2-5 for all tensors of a group in a few dozen batched ops and gives the same numbers, and `_Rows`
-does the same between redraws without matching indices (SO.step uses those two;
-step_in_backward uses so_update). Random draws come from a counter-based hash keyed by
-(parameter, step, index), so they do not depend on batching or on the order in which backward
-hooks fire; torch's generators are sequential streams, which would. Written by hand because no
-library implements this optimizer.
+does the same between redraws without matching indices (SO.step uses those two; so_update is
+the reference the tests hold them to, and a functional form of the rule). Random draws come from
+a counter-based hash keyed by (parameter, step, index), so they do not depend on batching or on
+the order in which backward hooks fire; torch's generators are sequential streams, which would.
+Written by hand because no library implements this optimizer.
 """
 import math
 import warnings
@@ -181,15 +181,18 @@ def _ranges(starts, lengths, device):
 # Arithmetic shared by every path.
 
 def _grad_at(flat, grad, index, weight_decay, out=None):
-    """(grad + weight_decay * flat) at index, in fp32; written into `out` when given."""
-    contiguous = grad.is_contiguous()
-    if out is not None and contiguous and grad.dtype == torch.float32 and not weight_decay:
+    """(grad + weight_decay * flat) at index, in fp32; written into `out` when given. grad: the
+    dense gradient, or a _Read of it at index."""
+    if isinstance(grad, _Read):
+        g = grad.values
+    elif (out is not None and grad.is_contiguous() and grad.dtype == torch.float32
+          and not weight_decay):
         return torch.index_select(grad.view(-1), 0, index, out=out)
-    # take reads any memory layout in logical (flat) order; index_select is 1.6x faster on CPU
-    g = grad.view(-1).index_select(0, index) if contiguous else grad.take(index)
-    g = g.float()
+    else:  # take reads any memory layout in logical order; index_select is 1.6x faster on CPU
+        g = grad.view(-1).index_select(0, index) if grad.is_contiguous() else grad.take(index)
+        g = g.float()
     if weight_decay:
-        g += weight_decay * flat.index_select(0, index).float()
+        g = g + weight_decay * flat.index_select(0, index).float()
     return g if out is None else out.copy_(g)
 
 
@@ -407,8 +410,9 @@ class _Rows:
                         for s, k, g in zip(states, self.kepts, self.supports)))
 
     def bytes(self):
-        return sum(x.numel() * x.element_size() for x in (
-            self.index, self.m, self.v, self.outside_G, self.dead, self.g, self.delta, self.at_G))
+        buffers = [self.index, self.m, self.v, self.outside_G, self.dead, self.g, self.delta,
+                   self.at_G] + ([self.keep] if self.pending else [])
+        return sum(x.numel() * x.element_size() for x in buffers)
 
     def _keys(self, moment_selection, streams):
         """Prune priorities; below every live key (> -2**32) at the dead slots."""
@@ -486,6 +490,7 @@ class SO(Optimizer):
         _check_group(defaults, "SO()")
         self._tiny = [0, 0]  # sparse tensors with floor(density * numel) = 0, and all, as added
         self._rows = {}  # per group: {batch: _Rows}, rebuilt from the state whenever it changed
+        self._read = {}  # param -> _Read: its gradient at the support, read in backward
         super().__init__(params, defaults)  # sets self.state
         self._warn_tiny()
         device = generator.device if generator is not None else "cpu"
@@ -507,6 +512,7 @@ class SO(Optimizer):
         if "state" in state:
             self._state = state.pop("state")
         self.__dict__.setdefault("_rows", {})
+        self.__dict__.setdefault("_read", {})
         super().__setstate__(state)
 
     def _write_out(self):
@@ -540,21 +546,40 @@ class SO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None or p in self._read]
+            for p in params:
+                if p in self._read and p.grad is not None:  # a backward after the hooks went
+                    self.read_grad(p)
             if params:
-                self._step_group(group, params, batched=True)
+                self._step_group(group, params)
         return loss
 
     @torch.no_grad()
-    def step_param(self, param):
-        """Apply the step of one parameter now (step_in_backward's hook); no-op without grad."""
+    def read_grad(self, param):
+        """step_in_backward's hook: read the gradient of `param` at its support (drawn now when
+        due) and free it; step() applies it, adding up the reads of several backward passes. A
+        dense group's gradient stays until step(): Adam needs all of it; so does a topk support's
+        at a redraw, which needs the whole gradient of the step."""
         if param.grad is None:
             return
-        self._write_out()  # the per-tensor core reads S from the state
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return self._step_group(group, [param], batched=False)
-        raise ValueError("SO.step_param: the parameter is not in this optimizer")
+        group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+        if group is None:
+            raise ValueError("SO.read_grad: the parameter is not in this optimizer")
+        if group["dense"]:
+            return
+        _check_grad(param)
+        (state,) = self._states(group, [param])
+        if param not in self._read:
+            if _due(group, state["step"] + 1):
+                if group["grad_selection"] == "topk":
+                    return
+                self._draw(group, [param], [state], [state["step"] + 1])
+        values = _grad_at(param.view(-1), param.grad, state["support"], 0.0)  # a new tensor
+        if param in self._read:
+            self._read[param].values += values
+        else:
+            self._read[param] = _Read(values)
+        param.grad = None
 
     def _init_state(self, param, dense, position):
         if not param.is_contiguous():
@@ -574,16 +599,20 @@ class SO(Optimizer):
         state["exp_avg"] = torch.empty(0, device=param.device)
         state["exp_avg_sq"] = torch.empty(0, device=param.device)
 
-    def _step_group(self, group, params, batched):
-        if any(p.grad.is_sparse for p in params):
-            raise ValueError("SO does not support sparse gradients")
-        if any(not self._state[p] for p in params):
+    def _states(self, group, params):
+        """The params' states, initialised where new."""
+        states = [self._state[p] for p in params]
+        if not all(states):
             everything = chain(*(g["params"] for g in self.param_groups))
             position = {id(p): i for i, p in enumerate(everything)}
-            for p in params:
-                if not self._state[p]:
+            for p, state in zip(params, states):
+                if not state:
                     self._init_state(p, group["dense"], position[id(p)])
-        states = [self._state[p] for p in params]
+        return states
+
+    def _step_group(self, group, params):
+        grads = [self._read.pop(p, None) or _check_grad(p) for p in params]
+        states = self._states(group, params)
         for s in states:
             s["step"] += 1
         beta1, beta2 = group["betas"]
@@ -594,8 +623,11 @@ class SO(Optimizer):
                 _adam_dense(p, s, **dict(hyper, beta1=beta1))
                 p.grad = None
             return
-        sizes = [max(1, int(group["density"] * p.numel())) for p in params]
-        due = self._refresh_supports(group, params, states, sizes)
+        sizes = [_size(group, p) for p in params]
+        due = {i for i, s in enumerate(states) if _due(group, s["step"])}
+        drawn = [i for i in due if not isinstance(grads[i], _Read)]  # the others drew in backward
+        self._draw(group, [params[i] for i in drawn], [states[i] for i in drawn],
+                   [states[i]["step"] for i in drawn])
         # Tensors of a group normally share the step and device; the others go in their own batch.
         batches = {}
         for i in sorted(range(len(params)), key=sizes.__getitem__):  # equal sizes adjacent
@@ -607,46 +639,35 @@ class SO(Optimizer):
             else:
                 streams = [0] * len(idx)
             args = dict(step=step, moment_selection=group["moment_selection"], **hyper)
-            flats, grads = [params[i].view(-1) for i in idx], [params[i].grad for i in idx]
+            flats, batch_grads = [params[i].view(-1) for i in idx], [grads[i] for i in idx]
             batch_states, batch_sizes = [states[i] for i in idx], [sizes[i] for i in idx]
-            if not batched:
-                (state,) = batch_states
-                out = so_update(flats[0], grads[0], *(state[k] for k in ("support",)
-                                                      + _MOMENT_STATE),
-                                size=batch_sizes[0], stream=streams[0], **args)
-                _write(batch_states, [[x] for x in out[:3]])
-                continue
             batch = (device, *(id(params[i]) for i in idx))
             rows[batch] = self._rows.get(id(group), {}).get(batch)
             if idx[0] in due or not (rows[batch] and rows[batch].fits(batch_states, batch_sizes,
                                                                        step)):
                 self._write_out()  # the redraw reads S from the states
-                rows[batch] = _Rows.update(batch_states, flats, grads, sizes=batch_sizes,
+                rows[batch] = _Rows.update(batch_states, flats, batch_grads, sizes=batch_sizes,
                                            streams=streams, **args)
             else:
-                rows[batch](flats, grads, streams=streams, **args)
-        if batched:
-            self._rows[id(group)] = rows
+                rows[batch](flats, batch_grads, streams=streams, **args)
+        self._rows[id(group)] = rows
         for p in params:
             p.grad = None  # 6. nothing dense survives the step
 
-    def _refresh_supports(self, group, params, states, sizes):
-        """Step 1: draw new supports where due; returns the positions in params redrawn."""
-        every = group["refresh_every"] if group["support"] == "dynamic" else math.inf
-        due = [i for i, s in enumerate(states) if s["step"] == 1 or (s["step"] - 1) % every == 0]
+    def _draw(self, group, params, states, steps):
+        """Step 1: new supports for these params at these steps."""
+        sizes = [_size(group, p) for p in params]
         if group["grad_selection"] == "topk":
-            for i in due:
-                states[i]["support"] = topk_support(params[i].grad, params[i], sizes[i],
-                                                    group["weight_decay"])
-            return set(due)
-        for device in {params[i].device for i in due}:  # draws are keyed: batching is free
-            on = [i for i in due if params[i].device == device]
-            streams = [_stream(states[i]["seed"], states[i]["step"], _SUPPORT_DRAW) for i in on]
+            for p, state, size in zip(params, states, sizes):
+                state["support"] = topk_support(p.grad, p, size, group["weight_decay"])
+            return
+        for device in {p.device for p in params}:  # draws are keyed: batching is free
+            on = [i for i, p in enumerate(params) if p.device == device]
+            streams = [_stream(states[i]["seed"], steps[i], _SUPPORT_DRAW) for i in on]
             drawn = random_supports([params[i].numel() for i in on], [sizes[i] for i in on],
                                     streams, device)
             for i, support in zip(on, drawn):
                 states[i]["support"] = support
-        return set(due)
 
     def state_bytes(self):
         """Bytes of all optimizer state: the per-parameter state and the batched step's rows."""
@@ -664,7 +685,7 @@ class SO(Optimizer):
         # fp32 moments included): put the saved tensors back as they were afterwards.
         saved_ids = chain(*(g["params"] for g in state_dict["param_groups"]))
         by_id = dict(zip(saved_ids, chain(*(g["params"] for g in self.param_groups))))
-        self._rows = {}  # their buffers belong to the state being replaced
+        self._rows, self._read = {}, {}  # they belong to the state being replaced
         super().load_state_dict(state_dict)
         for pid, saved in state_dict["state"].items():
             param = by_id[pid]
@@ -672,6 +693,30 @@ class SO(Optimizer):
                 if torch.is_tensor(value):
                     self.state[param][key] = value.to(device=param.device, copy=True)
         self.seed = int(state_dict.get("seed", self.seed))
+
+
+class _Read:
+    """A gradient read at the support in backward (step_in_backward): fp32, weight decay not
+    added yet (it is added at the step, once, as for a dense gradient)."""
+
+    def __init__(self, values):
+        self.values = values
+
+
+def _size(group, param):
+    return max(1, int(group["density"] * param.numel()))
+
+
+def _due(group, step):
+    """Whether the support is drawn at this step."""
+    every = group["refresh_every"] if group["support"] == "dynamic" else math.inf
+    return step == 1 or (step - 1) % every == 0
+
+
+def _check_grad(param):
+    if param.grad.is_sparse:
+        raise ValueError("SO does not support sparse gradients")
+    return param.grad
 
 
 def _adam_dense(param, state, *, lr, beta1, beta2, eps, weight_decay):
@@ -730,14 +775,16 @@ class _Handles:
 
 
 def step_in_backward(model_or_params, optimizer):
-    """Run each parameter's SO step inside backward, as soon as its gradient is accumulated, and
-    free that gradient at once, so no two full gradients coexist. Returns a handle with .remove().
-    optimizer.step() afterwards is harmless: parameters without a gradient are skipped."""
+    """Read each parameter's gradient inside backward, as soon as it is accumulated, and free it
+    at once, so no two full gradients coexist: SO keeps it at the support (M values) and the next
+    optimizer.step() applies every update in one batched step, with the same numbers as the plain
+    loop (several backward passes before a step add up, as gradients do). Dense groups keep their
+    gradients until the step. Returns a handle with .remove()."""
     if not isinstance(optimizer, SO):
         raise TypeError(f"step_in_backward needs an SO optimizer, got {type(optimizer).__name__}")
     if isinstance(model_or_params, torch.nn.Module):
         model_or_params = model_or_params.parameters()
     wanted = {id(p) for p in model_or_params}
-    return _Handles([p.register_post_accumulate_grad_hook(optimizer.step_param)
+    return _Handles([p.register_post_accumulate_grad_hook(optimizer.read_grad)
                      for g in optimizer.param_groups for p in g["params"]
                      if p.requires_grad and id(p) in wanted])

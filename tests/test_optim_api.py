@@ -39,37 +39,64 @@ def _optimizer(model, seed=1, **kw):
               generator=torch.Generator().manual_seed(seed), **kw)
 
 
-def _train(model, opt, iters, start=0, hooks=False):
+def _train(model, opt, iters, start=0, accumulate=1):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for _ in range(start):
         sched.step()
     for i in range(start, start + iters):
-        _loss(model, i).backward()
-        if not hooks:
-            opt.step()
+        for k in range(accumulate):
+            _loss(model, accumulate * i + k).backward()
+        opt.step()
         sched.step()
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()")  # no optimizer.step
-def test_step_in_backward_equals_plain_loop():
+@pytest.mark.parametrize("grad_selection", ["random", "topk"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_step_in_backward_equals_plain_loop(grad_selection, accumulate):
     plain, fused = _model(), _model()
-    opt_plain, opt_fused = _optimizer(plain), _optimizer(fused)
-    _train(plain, opt_plain, 12)
+    opt_plain = _optimizer(plain, grad_selection=grad_selection)
+    opt_fused = _optimizer(fused, grad_selection=grad_selection)
+    _train(plain, opt_plain, 12, accumulate=accumulate)
     handle = step_in_backward(fused, opt_fused)
     seen = []
-    for p in fused.parameters():  # the dense gradient is gone as soon as its step ran
+    for p in fused.parameters():  # the dense gradient is gone as soon as it was read
         p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is None))
-    _train(fused, opt_fused, 12, hooks=True)
-    assert seen and all(seen)
+    _train(fused, opt_fused, 12, accumulate=accumulate)
+    assert len(seen) == 12 * accumulate * len(list(fused.parameters()))
+    # a topk support is drawn from the whole gradient: at its redraws (steps 1, 4, 7, 10 for the
+    # 4 weights, 1, 3, 5, 7, 9, 11 for the 4 biases) the gradient stays until the step
+    assert seen.count(False) == (accumulate * (4 * 4 + 4 * 6) if grad_selection == "topk" else 0)
     for a, b in zip(plain.parameters(), fused.parameters()):
         assert torch.equal(a, b)
         assert b.grad is None
+    for name in ("support", "kept", "exp_avg", "exp_avg_sq"):
+        for a, b in zip(plain.parameters(), fused.parameters()):
+            assert torch.equal(opt_plain.state[a][name], opt_fused.state[b][name])
     before = [p.detach().clone() for p in fused.parameters()]
-    opt_fused.step()  # harmless: no parameter has a gradient
+    _loss(fused, 0).backward()  # read and freed (topk: kept, step 13 redraws), not yet applied
+    assert all((p.grad is None) == (grad_selection == "random") for p in fused.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
     handle.remove()
-    _loss(fused, 0).backward()
+    _loss(fused, 1).backward()  # after the hooks went: added to what was read
     assert all(p.grad is not None for p in fused.parameters())
+    opt_fused.step()
+    assert all(p.grad is None for p in fused.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
+
+
+def test_step_in_backward_leaves_dense_groups_to_the_step():
+    torch.manual_seed(0)
+    body, head = nn.Linear(20, 30), nn.Linear(30, 3)
+    opt = SO([{"params": body.parameters()}, {"params": head.parameters(), "dense": True}],
+             lr=1e-2, density=0.1)
+    step_in_backward([*body.parameters(), *head.parameters()], opt)
+    head(body(torch.randn(4, 20))).square().sum().backward()
+    assert body.weight.grad is None and head.weight.grad is not None  # Adam needs all of it
+    before = head.weight.detach().clone()
+    opt.step()
+    assert head.weight.grad is None and not torch.equal(before, head.weight)
+    assert opt.state[head.weight]["exp_avg"].shape == head.weight.shape
+    assert opt.state[body.weight]["kept"].numel() == 60
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()")  # fast-forwarded
@@ -164,7 +191,7 @@ def test_params_without_grad_and_empty_groups():
     opt.step()
     assert b.grad is None and torch.equal(b, torch.zeros(100)) and not opt.state[b]
     assert opt.state[a]["step"] == 1
-    # from now on a and b are at different steps: each goes alone, same numbers as per-tensor steps
+    # from now on a and b are at different steps: each goes in its own batch
     twin_a, twin_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     twin = SO([{"params": []}, {"params": [twin_a, twin_b]}], density=0.1, refresh_every=1, lr=0.1)
     twin.load_state_dict(opt.state_dict())
@@ -172,15 +199,16 @@ def test_params_without_grad_and_empty_groups():
         g = torch.randn(2, 100, generator=torch.Generator().manual_seed(i))
         a.grad, b.grad, twin_a.grad, twin_b.grad = g[0], g[1], g[0].clone(), g[1].clone()
         opt.step()
-        twin.step_param(twin_b)
-        twin.step_param(twin_a)
+        twin.read_grad(twin_b)  # as step_in_backward's hooks would, in backward's order
+        twin.read_grad(twin_a)
+        twin.step()
     assert opt.state[a]["step"] == 4 and opt.state[b]["step"] == 3
     assert torch.equal(a, twin_a) and torch.equal(b, twin_b)
 
 
 def test_state_written_out_when_read_equals_state_read_every_step():
     """The batched step writes S out of its buffers only when `state` is read: a run that never
-    reads it (with redraws, a tensor skipping steps, a resume and step_param mixed in) ends with
+    reads it (with redraws, a tensor skipping steps, a resume and read_grad mixed in) ends with
     the same parameters and state as one that reads it after every step."""
     def run(read):
         gen = torch.Generator().manual_seed(8)
@@ -191,7 +219,7 @@ def test_state_written_out_when_read_equals_state_read_every_step():
             for i, p in enumerate(params):
                 p.grad = None if (i == 2 and t in (5, 6)) else torch.randn(p.shape, generator=gen)
             if t == 10:
-                opt.step_param(params[1])  # a per-tensor step between batched ones
+                opt.read_grad(params[1])  # read in backward, as step_in_backward does
             opt.step()
             if t == 7:
                 saved = opt.state_dict()
