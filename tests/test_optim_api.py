@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from so import SO, step_in_backward
-from so.optim import _first_distinct, _mix64, _mix64_tensor, random_supports
+from so.draws import _first_distinct, _mix64, _mix64_tensor, random_supports
 
 # tiny tensors (LayerNorm weights at density 0.05) warn by design; test_tiny_tensors checks it
 pytestmark = pytest.mark.filterwarnings("ignore:SO. .* floor\\(density")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from so import SO
-from so.optim import _Rows, so_update, so_update_batched
+from so.core import _Rows, so_update, so_update_batched
 
 SHAPES = [(40,), (12, 10), (3, 4, 5, 2)]
 STEPS = 50
