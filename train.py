@@ -101,13 +101,37 @@ def evaluate(model, prompts, loader, precision, device, desc):
     return 100.0 * float(correct) / max(total, 1)
 
 
-def train_step(model, prompts, images, labels, optimizer, precision, device, text=None):
-    """One iteration; `text` holds fixed class embeddings when the text tower does not train."""
+def forward_loss(model, prompts, images, labels, text=None):
+    """The loss of one batch; `text` holds fixed class embeddings when the text tower does not
+    train."""
+    if text is None:
+        text = prompts.embeddings(model)
+    image = F.normalize(model.encode_image(images), dim=-1)
+    return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_loss(mode):
+    """forward_loss, through torch.compile (forward and backward) unless mode is none. Where
+    dynamo or the backend cannot compile, torch runs that part eagerly and logs why
+    (torch._dynamo.config.suppress_errors): the trial goes on."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode == "none":
+        return forward_loss
+    torch._dynamo.reset()  # a new trial in the same process (a multirun) compiles afresh
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(forward_loss, mode=mode)
+
+
+def train_step(model, prompts, images, labels, optimizer, precision, device, text=None,
+               loss_fn=forward_loss):
+    """One iteration; `text` holds fixed class embeddings when the text tower does not train;
+    `loss_fn`: forward_loss or compile_loss's version of it."""
     with autocast(precision, device):
-        if text is None:
-            text = prompts.embeddings(model)
-        image = F.normalize(model.encode_image(images), dim=-1)
-        loss = F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+        loss = loss_fn(model, prompts, images, labels, text)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -123,6 +147,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
                          generator=generator)
     labels = torch.tensor([r.label for r in train_x], device=device)
     optimizer = method.optimizer
+    loss_fn = compile_loss(cfg.compile)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.max_iters, eta_min=1e-6)
     text_trains = any(not name.startswith("visual.") for name in method.trainable)
     model.train()
@@ -138,7 +163,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
         for batch in order.split(cfg.batch_size):
             batch = batch.to(device)
             loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
-                              device, None if text_trains else fixed_text)
+                              device, None if text_trains else fixed_text, loss_fn)
             scheduler.step()
             if update_counts is not None:
                 update_counts.update()

@@ -5,7 +5,7 @@ class count, on a randomly initialised CLIP (no weights needed) with synthetic i
     python scripts/bench_train_step.py --json --device cpu --model tiny
 
 One JSON object per line: method, classes, s_per_iter (median over --iters timed iterations after
---warmup), peak_gib (CUDA only), device, model, precision, batch_size. Imports only torch, open_clip,
+--warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. Imports only torch, open_clip,
 peft, pyyaml and the project's own modules.
 """
 import argparse
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.pipeline import square_size  # noqa: E402
 from so.methods import build_method  # noqa: E402
 from so.model import build_clip  # noqa: E402
-from train import Prompts, autocast, train_step  # noqa: E402
+from train import COMPILE_MODES, Prompts, autocast, compile_loss, train_step  # noqa: E402
 
 MODELS = {"vit_b16": "ViT-B-16-quickgelu", "tiny": "so-tiny"}
 WORDS = ("red", "striped", "small", "aircraft", "garden", "wooden", "spotted", "river", "old", "cat")
@@ -50,7 +50,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(method_name, classes, model_name, device, precision, batch_size, iters, warmup):
+def bench(method_name, classes, model_name, device, precision, batch_size, iters, warmup, compile_mode):
     torch.manual_seed(0)
     model, _, tokenizer = build_clip(MODELS[model_name], None, device=device)
     cfg = method_config(method_name)
@@ -65,6 +65,7 @@ def bench(method_name, classes, model_name, device, precision, batch_size, iters
         with torch.no_grad(), autocast(precision, device):
             text = prompts.embeddings(model)
     model.train()
+    loss_fn = compile_loss(compile_mode)  # compiled during the warm-up iterations
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -72,14 +73,14 @@ def bench(method_name, classes, model_name, device, precision, batch_size, iters
     for i in range(warmup + iters):
         sync(device)
         start = time.perf_counter()
-        train_step(model, prompts, images, labels, method.optimizer, precision, device, text)
+        train_step(model, prompts, images, labels, method.optimizer, precision, device, text, loss_fn)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"method": method_name, "classes": classes, "s_per_iter": statistics.median(times),
             "peak_gib": peak, "device": str(device), "model": model_name, "precision": precision,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "compile": compile_mode}
 
 
 def main():
@@ -93,12 +94,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="torch.compile the forward and backward (compiled during warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for method_name in args.methods.split(","):
         for classes in map(int, args.classes.split(",")):
             row = bench(method_name, classes, args.model, device, args.precision, args.batch_size,
-                        args.iters, args.warmup)
+                        args.iters, args.warmup, args.compile)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:

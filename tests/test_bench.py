@@ -20,7 +20,7 @@ def test_bench_train_step_on_the_tiny_model():
     assert [(r["method"], r["classes"]) for r in rows] == [(m, c) for m in ("so", "adam", "lora") for c in (3, 10)]
     for row in rows:
         assert row["s_per_iter"] > 0 and row["peak_gib"] is None and row["device"] == "cpu"
-        assert (row["model"], row["batch_size"]) == ("tiny", 32)
+        assert (row["model"], row["batch_size"], row["compile"]) == ("tiny", 32, "none")
 
 
 def test_bench_data_on_small_images():

@@ -23,7 +23,7 @@ def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
     model, _, tokenizer = build_clip("so-tiny")
     model.set_grad_checkpointing(grad_checkpointing)
     method = build_method(yaml.safe_load(open(f"configs/method/{method}.yaml")), model, lr=lr, seed=1)
-    cfg = OmegaConf.create({"seed": 1, "batch_size": 8, "precision": "auto", **cfg})
+    cfg = OmegaConf.create({"seed": 1, "batch_size": 8, "precision": "auto", "compile": "none", **cfg})
     prompts = train.Prompts(dataset, tokenizer, CPU)
     return train.train(cfg, model, prompts, method, dataset.train_x, CPU)
 
@@ -52,6 +52,30 @@ def test_grad_checkpointing_keeps_the_loss_trajectory(data):
     plain, checkpointed = (run_train(data(4), 1e-3, "so", flag, max_iters=8, stop_loss=0.0) for flag in (False, True))
     assert plain[0] == checkpointed[0] == 8
     assert abs(plain[2] - checkpointed[2]) < 1e-5 * abs(plain[2])
+
+
+def test_compile_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="compile='fast': expected one of none, default"):
+        train.compile_loss("fast")
+
+
+def _failing_backend(graph, example_inputs):
+    raise RuntimeError("this backend cannot compile")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", _failing_backend])
+def test_compiled_step_keeps_the_loss_trajectory(data, monkeypatch, backend):
+    """compile=default through torch.compile (aot_eager here: inductor needs minutes on 2 CPU
+    cores), SO reading gradients inside the compiled backward; a backend that fails falls back
+    to eager. Same numbers as the eager step either way."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode: compile_(fn, backend=backend))
+    with torch._dynamo.config.patch(suppress_errors=False):  # restored afterwards
+        eager, compiled = (run_train(data(4), 1e-3, "so", max_iters=4, stop_loss=0.0, compile=mode)
+                           for mode in ("none", "default"))
+        assert torch._dynamo.config.suppress_errors
+    assert eager[0] == compiled[0] == 4
+    assert abs(eager[2] - compiled[2]) < 1e-5 * abs(eager[2])
 
 
 def test_claim_gpu_takes_one_no_other_trial_holds(monkeypatch, tmp_path):
