@@ -63,6 +63,8 @@ class SO(Optimizer):
         self._tiny = [0, 0]  # sparse tensors with floor(density * numel) = 0, and all, as added
         self._rows = {}  # per group: {batch: _Rows}, rebuilt from the state whenever it changed
         self._read = {}  # param -> _Read: its gradient at the support, read in backward
+        self._drawn = {}  # param -> the step its support was drawn ahead for, in backward
+        self._groups = {}  # id(param) -> its group, for the hooks
         super().__init__(params, defaults)  # sets self.state
         self._warn_tiny()
         device = generator.device if generator is not None else "cpu"
@@ -84,7 +86,8 @@ class SO(Optimizer):
         if "state" in state:
             self._state = state.pop("state")
         self.__dict__.setdefault("_rows", {})
-        self.__dict__.setdefault("_read", {})
+        for key in ("_read", "_drawn", "_groups"):
+            self.__dict__.setdefault(key, {})
         super().__setstate__(state)
 
     def _write_out(self):
@@ -134,24 +137,38 @@ class SO(Optimizer):
         at a redraw, which needs the whole gradient of the step."""
         if param.grad is None:
             return
-        group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+        if id(param) not in self._groups:
+            self._groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        group = self._groups.get(id(param))
         if group is None:
             raise ValueError("SO.read_grad: the parameter is not in this optimizer")
         if group["dense"]:
             return
         _check_grad(param)
         (state,) = self._states(group, [param])
-        if param not in self._read:
-            if _due(group, state["step"] + 1):
-                if group["grad_selection"] == "topk":
-                    return
-                self._draw(group, [param], [state], [state["step"] + 1])
+        step = state["step"] + 1
+        if param not in self._read and _due(group, step) and self._drawn.get(param) != step:
+            if group["grad_selection"] == "topk":
+                return
+            self._draw_ahead(group)
         values = _grad_at(param.view(-1), param.grad, state["support"], 0.0)  # a new tensor
         if param in self._read:
             self._read[param].values += values
         else:
             self._read[param] = _Read(values)
         param.grad = None
+
+    def _draw_ahead(self, group):
+        """Draw, in one batch, the supports of every tensor of the group whose next step
+        redraws, at the first of their hooks (draws are keyed by step: the same supports)."""
+        params = [p for p in group["params"] if p.requires_grad]
+        states = self._states(group, params)
+        steps = [s["step"] + 1 for s in states]
+        due = [i for i, (p, t) in enumerate(zip(params, steps))
+               if _due(group, t) and self._drawn.get(p) != t]
+        self._draw(group, [params[i] for i in due], [states[i] for i in due],
+                   [steps[i] for i in due])
+        self._drawn.update((params[i], steps[i]) for i in due)
 
     def _init_state(self, param, dense, position):
         if not param.is_contiguous():
@@ -197,7 +214,8 @@ class SO(Optimizer):
             return
         sizes = [_size(group, p) for p in params]
         due = {i for i, s in enumerate(states) if _due(group, s["step"])}
-        drawn = [i for i in due if not isinstance(grads[i], _Read)]  # the others drew in backward
+        ahead = [self._drawn.pop(p, None) == s["step"] for p, s in zip(params, states)]
+        drawn = [i for i in due if not ahead[i]]  # the others drew in backward
         self._draw(group, [params[i] for i in drawn], [states[i] for i in drawn],
                    [states[i]["step"] for i in drawn])
         # Tensors of a group normally share the step and device; the others go in their own batch.
@@ -257,7 +275,7 @@ class SO(Optimizer):
         # fp32 moments included): put the saved tensors back as they were afterwards.
         saved_ids = chain(*(g["params"] for g in state_dict["param_groups"]))
         by_id = dict(zip(saved_ids, chain(*(g["params"] for g in self.param_groups))))
-        self._rows, self._read = {}, {}  # they belong to the state being replaced
+        self._rows, self._read, self._drawn = {}, {}, {}  # they belong to the replaced state
         super().load_state_dict(state_dict)
         for pid, saved in state_dict["state"].items():
             param = by_id[pid]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import so.optim
 from so import SO, step_in_backward
 from so.draws import _first_distinct, _mix64, _mix64_tensor, random_supports
 
@@ -52,16 +53,20 @@ def _train(model, opt, iters, start=0, accumulate=1):
 
 @pytest.mark.parametrize("grad_selection", ["random", "topk"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_step_in_backward_equals_plain_loop(grad_selection, accumulate):
+def test_step_in_backward_equals_plain_loop(grad_selection, accumulate, monkeypatch):
     plain, fused = _model(), _model()
     opt_plain = _optimizer(plain, grad_selection=grad_selection)
     opt_fused = _optimizer(fused, grad_selection=grad_selection)
     _train(plain, opt_plain, 12, accumulate=accumulate)
     handle = step_in_backward(fused, opt_fused)
-    seen = []
+    seen, draws = [], []
     for p in fused.parameters():  # the dense gradient is gone as soon as it was read
         p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is None))
+    monkeypatch.setattr(so.optim, "random_supports",
+                        lambda *a: draws.append(len(a[0])) or random_supports(*a))
     _train(fused, opt_fused, 12, accumulate=accumulate)
+    if grad_selection == "random":  # one batch of 4 per group and redraw: steps 1, 4, 7, 10
+        assert draws == [4] * 10  # (the 4 weights) and 1, 3, 5, 7, 9, 11 (the 4 biases)
     assert len(seen) == 12 * accumulate * len(list(fused.parameters()))
     # a topk support is drawn from the whole gradient: at its redraws (steps 1, 4, 7, 10 for the
     # 4 weights, 1, 3, 5, 7, 9, 11 for the 4 biases) the gradient stays until the step
