@@ -129,6 +129,11 @@ class SO(Optimizer):
                 self._step_group(group, params)
         return loss
 
+    def zero_grad(self, set_to_none=True):
+        """Drops the gradients, those read in backward by step_in_backward included."""
+        super().zero_grad(set_to_none)
+        self._read.clear()
+
     @torch.no_grad()
     def read_grad(self, param):
         """step_in_backward's hook: read the gradient of `param` at its support (drawn now when
@@ -360,8 +365,9 @@ def step_in_backward(model_or_params, optimizer):
     """Read each parameter's gradient inside backward, as soon as it is accumulated, and free it
     at once, so no two full gradients coexist: SO keeps it at the support (M values) and the next
     optimizer.step() applies every update in one batched step, with the same numbers as the plain
-    loop (several backward passes before a step add up, as gradients do). Dense groups keep their
-    gradients until the step. Returns a handle with .remove()."""
+    loop (several backward passes before a step add up, as gradients do; optimizer.zero_grad()
+    drops them). Dense groups keep their gradients until the step. Not for torch.amp.GradScaler,
+    which unscales .grad after backward. Returns a handle with .remove()."""
     if not isinstance(optimizer, SO):
         raise TypeError(f"step_in_backward needs an SO optimizer, got {type(optimizer).__name__}")
     if isinstance(model_or_params, torch.nn.Module):

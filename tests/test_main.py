@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["experiment=demo", "model=tiny", "dataset=synthetic"]  # the demo without its pretraining step
 FAST = ["logger=none", "num_workers=0", "max_iters=4"]

@@ -81,6 +81,10 @@ def test_step_in_backward_equals_plain_loop(grad_selection, accumulate, monkeypa
     _loss(fused, 0).backward()  # read and freed (topk: kept, step 13 redraws), not yet applied
     assert all((p.grad is None) == (grad_selection == "random") for p in fused.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
+    opt_fused.zero_grad()  # drops what was read, as it drops gradients
+    opt_fused.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
+    _loss(fused, 0).backward()
     handle.remove()
     _loss(fused, 1).backward()  # after the hooks went: added to what was read
     assert all(p.grad is not None for p in fused.parameters())
