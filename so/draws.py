@@ -59,14 +59,15 @@ def _first_distinct(numels, counts, streams, device):
         new = torch.empty_like(first).scatter_(0, order, first)  # first occurrences, draw order
         rank = torch.cumsum(new, 0)
         before = torch.cat([rank.new_zeros(1), rank[:-1]])
-        rank -= _at(before, torch.tensor(_starts(c), device=device))[seg]  # rank in its tensor
+        rank -= _at(_at(before, torch.tensor(_starts(c), device=device)), seg)  # in its tensor
         take = new & (rank <= _repeat([counts[i] for i in todo], c, device))
-        taken = ordered[_at(take, order)]  # sorted, tensor by tensor
+        taken = _at(ordered, _where(_at(take, order)))  # sorted, tensor by tensor
         got = torch.zeros(k, dtype=torch.int64, device=device).index_add_(0, seg, take.long())
         got = got.tolist()
-        for i, part, offset, n in zip(todo, taken.split(got), offsets, got):
+        taken -= _repeat(offsets, got, device)
+        for i, part, n in zip(todo, taken.split(got), got):
             if n == counts[i]:
-                out[i] = part - offset
+                out[i] = part
         todo = [i for i, n in zip(todo, got) if n < counts[i]]
         for i in todo:
             draws[i] *= 2
