@@ -162,30 +162,43 @@ def so_update_batched(flats, grads, supports, kepts, exp_avgs, exp_avg_sqs, *, s
 
 
 def _prune(keys, sizes, u_sizes):
-    """Mask of the sizes[i] largest keys in each tensor's run of u_sizes[i] keys. Tensors of equal
-    size are rows of one topk, padded with the smallest int64."""
+    """Mask of the sizes[i] largest keys in each tensor's run of u_sizes[i] keys, the runs laid
+    out as _blocks rows padded with the smallest int64."""
     dev = keys.device
-    row_start, blocks, total, i = [], [], 0, 0
+    blocks, starts, padded = _blocks(sizes, u_sizes)
+    slot = _ranges(starts, u_sizes, dev)
+    keys = _put(torch.full((sum(padded),), torch.iinfo(torch.int64).min, device=dev), slot, keys)
+    chosen = _choose(keys, blocks, torch.zeros(sum(padded), dtype=torch.bool, device=dev), True)
+    return _at(chosen, slot)
+
+
+def _blocks(sizes, widths):
+    """Tensors of equal size (adjacent) as the rows of one block, padded to its widest row, so
+    that the prune is one topk per block. Returns the blocks [(start, rows, width, size)], and
+    each tensor's row start and padded width."""
+    blocks, starts, padded, total, i = [], [], [], 0, 0
     while i < len(sizes):
         j = i
         while j < len(sizes) and sizes[j] == sizes[i]:
             j += 1
-        width = max(u_sizes[i:j])
-        row_start += [total + r * width for r in range(j - i)]
+        width = max(widths[i:j])
         blocks.append((total, j - i, width, sizes[i]))
+        starts += [total + r * width for r in range(j - i)]
+        padded += [width] * (j - i)
         total, i = total + (j - i) * width, j
-    slot = _ranges(row_start, u_sizes, dev)
-    padded = torch.full((total,), torch.iinfo(torch.int64).min, device=dev)
-    _put(padded, slot, keys)
-    chosen = torch.zeros(total, dtype=torch.bool, device=dev)
+    return blocks, starts, padded
+
+
+def _choose(keys, blocks, chosen, value):
+    """Set `chosen` to `value` at the `size` largest keys of each row of each block."""
     for start, rows, width, size in blocks:
         block = slice(start, start + rows * width)
         if width > size:
-            best = torch.topk(padded[block].view(rows, width), size, dim=1, sorted=False).indices
-            chosen[block].view(rows, width).scatter_(1, best, True)
+            best = torch.topk(keys[block].view(rows, width), size, dim=1, sorted=False).indices
+            chosen[block].view(rows, width).scatter_(1, best, value)
         else:  # nothing outside G: keep all
-            chosen[block] = True
-    return _at(chosen, slot)
+            chosen[block] = value
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,8 +210,8 @@ class _Rows:
     Until G_i is redrawn, U_i = G_i u O_i with O_i = S_i minus G_i, and O_i can only lose
     entries. So after a redraw each tensor gets a row [G_i; O_i] that holds U_i for every step
     until the next one: entries of G_i outside S_i carry m = v = 0; entries of O_i pruned since
-    are dead (m = v = 0, update 0, never candidates). Rows of tensors with equal M share one width
-    (padded with dead slots) so that the prune is one topk per width. A step is then a fixed
+    are dead (m = v = 0, update 0, never candidates). Rows are laid out as in _prune (_blocks),
+    padded with dead slots. A step is then a fixed
     sequence of ops: nothing is sorted or matched, and the only data-dependent shape is the final
     compaction of S, which waits until the state is read (`write_out`). Same numbers as
     so_update_batched. Built from its outputs (`update`), used while `fits` holds: the SO state
@@ -206,20 +219,12 @@ class _Rows:
 
     def __init__(self, states, supports, kepts, exp_avgs, exp_avg_sqs, kept_in_supports, sizes,
                  step):
-        dev, n = supports[0].device, len(supports)
+        dev = supports[0].device
         in_G = [p.numel() for p in kept_in_supports]
         kept_sizes = [k.numel() for k in kepts]
         widths = [m + k - c for m, k, c in zip(sizes, kept_sizes, in_G)]
-        padded, self.blocks, total, i = [], [], 0, 0  # blocks: (start, rows, width, size)
-        while i < n:
-            j = i
-            while j < n and sizes[j] == sizes[i]:
-                j += 1
-            width = max(widths[i:j])
-            self.blocks.append((total, j - i, width, sizes[i]))
-            padded += [width] * (j - i)
-            total, i = total + (j - i) * width, j
-        starts = _starts(padded)
+        self.blocks, starts, padded = _blocks(sizes, widths)
+        total = sum(padded)
         self.padded, self.sizes, self.widths, self.step = padded, sizes, widths, step
         self.states, self.supports, self.kepts, self.pending = states, supports, kepts, False
         self.at_G = _ranges(starts, sizes, dev)
@@ -281,16 +286,8 @@ class _Rows:
         if moment_selection == "dense":
             self.keep, self.counts = 1 - self.dead, self.widths
         else:
-            keys = self._keys(moment_selection, streams)
-            keep = torch.zeros_like(self.dead)
-            for start, rows, width, size in self.blocks:
-                block = slice(start, start + rows * width)
-                if width > size:
-                    best = torch.topk(keys[block].view(rows, width), size, dim=1,
-                                      sorted=False).indices
-                    keep[block].view(rows, width).scatter_(1, best, 1.0)
-                else:  # nothing outside G: keep all
-                    keep[block] = 1.0
+            keep = _choose(self._keys(moment_selection, streams), self.blocks,
+                           torch.zeros_like(self.dead), 1.0)
             self.m.mul_(keep)  # m = v = 0 outside S (-0.0 for some: the same numbers)
             self.v.mul_(keep)
             self.dead = torch.sub(self.outside_G, keep).clamp_(min=0)

@@ -85,8 +85,7 @@ class SO(Optimizer):
         state = dict(state)
         if "state" in state:
             self._state = state.pop("state")
-        self.__dict__.setdefault("_rows", {})
-        for key in ("_read", "_drawn", "_groups"):
+        for key in ("_rows", "_read", "_drawn", "_groups"):
             self.__dict__.setdefault(key, {})
         super().__setstate__(state)
 
@@ -286,7 +285,7 @@ class SO(Optimizer):
             param = by_id[pid]
             for key, value in saved.items():
                 if torch.is_tensor(value):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+                    self._state[param][key] = value.to(device=param.device, copy=True)
         self.seed = int(state_dict.get("seed", self.seed))
 
 
