@@ -6,10 +6,9 @@ AdamW step on open_clip's ClipLoss, as open_clip's own training script does (lea
 at 100, no weight decay on gains and biases). The result is saved as an open_clip-loadable state dict,
 with a JSON record of the run beside it. Settings: configs/sandbox/pretrain.yaml.
 """
-import json
+import io
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
+from datasets.base import write_atomic, write_json_atomic
 from datasets.synthetic import pretraining_batch
 from so.model import build_clip, encode_text, tokenize
 
@@ -39,11 +39,10 @@ def pretrain(out, model, seed, steps, batch_size, lr, warmup, weight_decay, thre
     finally:
         torch.set_num_threads(threads_before)
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save(clip.state_dict(), tmp)
-    os.replace(tmp, out)  # readers never see a partial checkpoint
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    buffer = io.BytesIO()
+    torch.save(clip.state_dict(), buffer)
+    write_atomic(out, buffer.getvalue())  # readers never see a partial checkpoint
+    write_json_atomic(out.with_suffix(".json"), record, indent=2)
     log.info("Saved %s (final loss %.3f, %.0f s)", out, record["final_loss"], record["seconds"])
     return record
 
