@@ -180,52 +180,30 @@ class _Rows:
                                     right=True)
         hits = torch.bincount(tensor, minlength=len(sizes)).tolist()
         other_sizes = [k - h for k, h in zip(kept_sizes, hits)]
+        self.widths = [m + o for m, o in zip(sizes, other_sizes)]
+        self.blocks, starts, self.padded = _blocks(sizes, self.widths)
+        total = sum(self.padded)
+        self.at_G = _ranges(starts, sizes, dev)
+        at_O = _ranges([s + m for s, m in zip(starts, sizes)], other_sizes, dev)
         # O_i ascending (as write_out hands it out): one sort in the flat space of _match
         other = _where(torch.ones(kept.numel(), dtype=torch.bool, device=dev)
                        .index_fill_(0, in_G, False))
         flat = _at(kept, other) + _repeat(_starts(numels), other_sizes, dev)
         other = _at(other, torch.sort(flat).indices)
-        self._lay_out(support, _at(kept, other), other_sizes,
-                      [_put(torch.zeros(support.numel(), device=dev), at_G, _at(x, in_G))
-                       for x in (exp_avg, exp_avg_sq)],
-                      [_at(x, other) for x in (exp_avg, exp_avg_sq)])
-
-    def _lay_out(self, support, other, other_sizes, moments_G, moments_O):
-        """The buffers for rows [G_i; O_i]: G (support) and O (other, other_sizes entries per
-        tensor) back to back, and their (m, v). Returns the slots of O."""
-        dev = support.device
-        self.widths = [m + o for m, o in zip(self.sizes, other_sizes)]
-        self.blocks, self.starts, self.padded = _blocks(self.sizes, self.widths)
-        total = sum(self.padded)
-        self.at_G = _ranges(self.starts, self.sizes, dev)
-        at_O = _ranges([s + m for s, m in zip(self.starts, self.sizes)], other_sizes, dev)
         self.index = _put(_put(torch.zeros(total, dtype=torch.int64, device=dev), self.at_G,
-                               support), at_O, other)
-        self.m, self.v = (_put(_put(torch.zeros(total, device=dev), self.at_G, x_G), at_O, x_O)
-                          for x_G, x_O in zip(moments_G, moments_O))
+                               support), at_O, _at(kept, other))
+        to_G = _at(self.at_G, at_G)
+        self.m, self.v = (_put(_put(torch.zeros(total, device=dev), at_O, _at(x, other)), to_G,
+                               _at(x, in_G)) for x in (exp_avg, exp_avg_sq))
         # 1.0 at the slots outside G, and at the dead ones (masks as floats: multiplying by them
         # is 30x faster than masked_fill_ on CPU)
         self.outside_G = torch.ones(total, device=dev).index_fill_(0, self.at_G, 0.0)
         self.dead = self.outside_G.index_fill(0, at_O, 0.0)
         # the gradient at G (zero elsewhere) and the update, with views per tensor made once
         self.g, self.delta = torch.zeros(total, device=dev), torch.empty(total, device=dev)
-        self.g_rows = [self.g[s:s + m] for s, m in zip(self.starts, self.sizes)]
+        self.g_rows = [self.g[s:s + m] for s, m in zip(starts, sizes)]
         self.slots = [(self.index[s:s + w], self.delta[s:s + w])
-                      for s, w in zip(self.starts, self.widths)]
-        return at_O
-
-    def compact(self):
-        """Drop the slots of O pruned by the last step. After the first step on new rows, when O
-        is all of the old S, most of them are dead: the steps until the next redraw skip them."""
-        dev = self.index.device
-        at = _where(self.keep.mul(self.outside_G).bool())  # the entries of O still in S
-        row = torch.searchsorted(torch.tensor(self.starts, device=dev), at, right=True) - 1
-        other_sizes = torch.bincount(row, minlength=len(self.sizes)).tolist()
-        keep_G = _at(self.keep, self.at_G)
-        at_O = self._lay_out(torch.cat(self.supports), _at(self.index, at), other_sizes,
-                             [_at(x, self.at_G) for x in (self.m, self.v)],
-                             [_at(x, at) for x in (self.m, self.v)])
-        self.keep = _put(torch.zeros_like(self.dead), self.at_G, keep_G).index_fill_(0, at_O, 1.0)
+                      for s, w in zip(starts, self.widths)]
 
     @staticmethod
     def kept_of(states):

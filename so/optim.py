@@ -45,9 +45,9 @@ class SO(Optimizer):
 
     Per-parameter state: step (int), seed (int), support (G, sorted), kept (S: its entries in G
     in G's order, then the others ascending), exp_avg and exp_avg_sq (fp32, aligned with kept).
-    Dense groups keep step, seed, exp_avg and exp_avg_sq shaped like the parameter. kept,
-    exp_avg and exp_avg_sq live in the batched step's buffers and are written out when `state`
-    is read; to change them, load a state_dict (in-place edits of those tensors are not
+    Dense groups keep step, seed, exp_avg and exp_avg_sq shaped like the parameter. Between
+    redraws, kept, exp_avg and exp_avg_sq are written out of the batched step's buffers when
+    `state` is read; to change them, load a state_dict (in-place edits of those tensors are not
     seen by the batched step). `generator` (or the global torch RNG) seeds every draw."""
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -243,11 +243,7 @@ class SO(Optimizer):
                     self._write_out()
                     kept = _Rows.kept_of(batch_states)
                 rows[batch] = _Rows(batch_states, [f.numel() for f in flats], batch_sizes, *kept)
-                rows[batch](flats, batch_grads, streams=streams, **args)
-                if group["moment_selection"] != "dense":  # nothing is pruned under "dense"
-                    rows[batch].compact()
-            else:
-                rows[batch](flats, batch_grads, streams=streams, **args)
+            rows[batch](flats, batch_grads, streams=streams, **args)
         self._rows[id(group)] = rows
         for p in params:
             p.grad = None  # 6. nothing dense survives the step
