@@ -1,5 +1,5 @@
-"""Steps 2-5 of the rule: the per-tensor core (so_update), and the batched step on fixed-shape
-rows that SO.step runs (_Rows). Both give the same numbers."""
+"""Steps 2-5 of the rule: the per-tensor core, its batched twin, and the fixed-shape rows that
+run the batched step between support redraws. All three give the same numbers."""
 import math
 from itertools import accumulate
 
@@ -79,14 +79,15 @@ def topk_support(grad, param, size, weight_decay):
 
 
 # ------------------------------------------------------------------------------------------------
-# The per-tensor core (steps 2-5). It returns S in one canonical order: the entries of S in G (in
-# G's order), then the others ascending.
+# The per-tensor core (steps 2-5) and its batched twin. Both return S in one canonical order: the
+# entries of S in G (in G's order), then the others ascending; and kept_in_support, the positions
+# in G of the first ones. With those, _Rows lines S up with G until the next redraw.
 
 def so_update(flat, grad, support, kept, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
               weight_decay, size, moment_selection, stream=0):
     """One SO step of one tensor. flat: the parameter viewed flat (updated in place); support: G,
     sorted; kept, exp_avg, exp_avg_sq: S (any order) and its fp32 moments.
-    Returns the new (kept, exp_avg, exp_avg_sq)."""
+    Returns the new (kept, exp_avg, exp_avg_sq, kept_in_support)."""
     g = _grad_at(flat, grad, support, weight_decay)  # 2. gradient read only at G
     union, where = torch.unique(torch.cat([kept, support]), return_inverse=True)  # 3. U = S u G
     in_kept, in_support = where[: kept.numel()], where[kept.numel():]
@@ -100,25 +101,75 @@ def so_update(flat, grad, support, kept, exp_avg, exp_avg_sq, *, step, lr, beta1
         keep = torch.zeros_like(keep).index_fill_(0, best, True)
     from_support = torch.zeros_like(keep).index_fill_(0, in_support, True)
     order = torch.cat([_where(keep & from_support), _where(keep & ~from_support)])
-    return union[order], m[order], v[order]
+    return union[order], m[order], v[order], _where(keep[in_support])
 
 
-def _match(kept, support, kept_sizes, sizes, numels):
-    """The entries of each tensor's S that are in its G: their positions in `kept` and in
-    `support` (both all tensors back to back; S in any order, G sorted). A bucket table of G
-    filters S first, so that only a few percent of it is looked up by binary search."""
-    dev = kept.device
-    offsets = _starts(numels)  # one flat index space for all tensors: G is sorted in it
-    G = support + _repeat(offsets, sizes, dev)
-    S = kept + _repeat(offsets, kept_sizes, dev)
-    shift = max(0, (sum(numels) - 1).bit_length() - (32 * G.numel()).bit_length())
-    table = torch.zeros(((sum(numels) - 1) >> shift) + 1, dtype=torch.bool, device=dev)
-    table.index_fill_(0, G >> shift, True)  # about 3% of the buckets hold an entry of G
-    maybe = _where(_at(table, S >> shift))
-    query = _at(S, maybe)
-    pos = torch.searchsorted(G, query).clamp_(max=G.numel() - 1)
-    hit = _where(_at(G, pos) == query)
-    return _at(maybe, hit), _at(pos, hit)
+def so_update_batched(flats, grads, supports, kepts, exp_avgs, exp_avg_sqs, *, step, lr, beta1,
+                      beta2, eps, weight_decay, sizes, moment_selection, streams):
+    """so_update for a list of tensors at the same step: the same numbers in a few dozen batched
+    ops. Tensors of equal size should be adjacent: the prune is one topk per run.
+    Returns lists (kept, exp_avg, exp_avg_sq, kept_in_support).
+
+    The U_i = G_i u O_i of all tensors (O_i = S_i minus G_i) lie back to back as [G_i; O_i]; S is
+    matched with G by one sort and one searchsorted. SO.step uses it after a support redraw;
+    between redraws _Rows runs the same arithmetic without matching."""
+    dev, n = flats[0].device, len(flats)
+    G = torch.cat(supports)  # flat indices, local to each tensor
+    g = torch.cat([_grad_at(f, gr, s, weight_decay) for f, gr, s in zip(flats, grads, supports)])
+    K, mK, vK = torch.cat(kepts), torch.cat(exp_avgs), torch.cat(exp_avg_sqs)
+    kept_sizes = [k.numel() for k in kepts]
+    # 3. U: where each entry of G (to_G) and of S (to_K) goes; S against G in a flat index space
+    # shared by all tensors
+    offsets = _starts(f.numel() for f in flats)
+    ordered, perm = torch.sort(K + _repeat(offsets, kept_sizes, dev))
+    G_flat = G + _repeat(offsets, sizes, dev)
+    pos = torch.searchsorted(ordered, G_flat)
+    hit = _where(_at(torch.cat([ordered, ordered.new_full((1,), -1)]), pos) == G_flat)
+    src = _at(_at(torch.cat([perm, perm.new_zeros(1)]), pos), hit)  # in K, of S n G
+    in_G = torch.zeros(K.numel(), dtype=torch.bool, device=dev).index_fill_(0, src, True)
+    other = _at(perm, _where(~_at(in_G, perm)))  # O in K, ascending in each tensor
+    other_sizes = torch.bincount(_at(_repeat(range(n), kept_sizes, dev), other),
+                                 minlength=n).tolist()
+    u_sizes = [m + o for m, o in zip(sizes, other_sizes)]
+    u_start = _starts(u_sizes)
+    to_G = _ranges(u_start, sizes, dev)
+    to_K = torch.empty(K.numel(), dtype=torch.int64, device=dev)
+    _put(to_K, src, _at(to_G, hit))
+    _put(to_K, other, _ranges([u + m for u, m in zip(u_start, sizes)], other_sizes, dev))
+    total = sum(u_sizes)
+    U = _put(_put(torch.empty(total, dtype=torch.int64, device=dev), to_K, K), to_G, G)
+    m = _put(torch.zeros(total, device=dev), to_K, mK)
+    v = _put(torch.zeros(total, device=dev), to_K, vK)
+    _moments(m, v, _put(torch.zeros(total, device=dev), to_G, g), beta1, beta2)
+    # 4. update every entry of U
+    delta = _adam_delta(m, v, lr, beta1, beta2, eps, step)
+    for f, index, d in zip(flats, U.split(u_sizes), delta.split(u_sizes)):
+        _subtract_at(f, index, d)
+    # 5. prune: keep the M_i best entries of each U_i
+    if moment_selection == "dense":
+        new_sizes, keep = u_sizes, torch.arange(total, device=dev)
+    else:
+        stream = _repeat(streams, u_sizes, dev) if moment_selection == "random" else None
+        keep = _where(_prune(_priority(U, m, moment_selection, stream), sizes, u_sizes))
+        new_sizes = sizes
+    # S_i in canonical order is U_i's order: its entries in G_i first, then the others ascending
+    local = keep - _repeat(u_start, new_sizes, dev)
+    in_G = (local < _repeat(sizes, new_sizes, dev)).long().cumsum_(0)
+    ends = torch.tensor(list(accumulate(new_sizes)), device=dev) - 1
+    new_in_G = torch.diff(_at(in_G, ends), prepend=in_G.new_zeros(1)).tolist()  # the host sync
+    positions = _at(local, _ranges(_starts(new_sizes), new_in_G, dev))
+    return (*(_at(x, keep).split(new_sizes) for x in (U, m, v)), positions.split(new_in_G))
+
+
+def _prune(keys, sizes, u_sizes):
+    """Mask of the sizes[i] largest keys in each tensor's run of u_sizes[i] keys, the runs laid
+    out as _blocks rows padded with the smallest int64."""
+    dev = keys.device
+    blocks, starts, padded = _blocks(sizes, u_sizes)
+    slot = _ranges(starts, u_sizes, dev)
+    keys = _put(torch.full((sum(padded),), torch.iinfo(torch.int64).min, device=dev), slot, keys)
+    chosen = _choose(keys, blocks, torch.zeros(sum(padded), dtype=torch.bool, device=dev), True)
+    return _at(chosen, slot)
 
 
 def _blocks(sizes, widths):
@@ -151,71 +202,58 @@ def _choose(keys, blocks, chosen, value):
 
 
 # ------------------------------------------------------------------------------------------------
-# The batched step.
+# Between redraws.
 
 class _Rows:
-    """Steps 2-5 of a batch of tensors (equal sizes adjacent), in a few dozen batched ops on
-    buffers of fixed shape. Same numbers as so_update.
+    """Steps 2-5 of a batch of tensors between support redraws, on buffers of fixed shape.
 
     Until G_i is redrawn, U_i = G_i u O_i with O_i = S_i minus G_i, and O_i can only lose
-    entries. So each tensor gets a row [G_i; O_i], built when G_i is drawn, that holds U_i for
-    every step until the next draw: entries of G_i outside S_i carry m = v = 0; entries of O_i
-    pruned since are dead (m = v = 0, update 0, never candidates). Rows are laid out as _blocks,
-    padded with dead slots. A step is then a fixed sequence of ops: nothing is sorted or matched,
-    and the only data-dependent shape is the compaction of S, which waits until the state is read
-    (`write_out`) or G is redrawn (`kept`). Used while `fits` holds: the SO state still holds the
-    tensors this batch wrote."""
+    entries. So after a redraw each tensor gets a row [G_i; O_i] that holds U_i for every step
+    until the next one: entries of G_i outside S_i carry m = v = 0; entries of O_i pruned since
+    are dead (m = v = 0, update 0, never candidates). Rows are laid out as in _prune (_blocks),
+    padded with dead slots. A step is then a fixed
+    sequence of ops: nothing is sorted or matched, and the only data-dependent shape is the final
+    compaction of S, which waits until the state is read (`write_out`). Same numbers as
+    so_update_batched. Built from its outputs (`update`), used while `fits` holds: the SO state
+    still holds the tensors this batch wrote."""
 
-    def __init__(self, states, numels, sizes, kept, exp_avg, exp_avg_sq, kept_sizes):
-        """Rows for the tensors whose SO states are `states` (dicts, written by write_out): G from
-        state["support"]; S and its moments (kept, exp_avg, exp_avg_sq: all tensors back to back,
-        kept_sizes entries each, in any order) from the state or from the previous rows."""
-        dev = kept.device
-        self.states, self.sizes, self.step, self.pending = states, sizes, None, False
-        self.supports = [s["support"] for s in states]
-        self.kepts = [s["kept"] for s in states]  # what the states hold: see fits
-        support = torch.cat(self.supports)
-        in_G, at_G = _match(kept, support, kept_sizes, sizes, numels)  # S n G
-        tensor = torch.searchsorted(torch.tensor(list(accumulate(kept_sizes)), device=dev), in_G,
-                                    right=True)
-        hits = torch.bincount(tensor, minlength=len(sizes)).tolist()
-        other_sizes = [k - h for k, h in zip(kept_sizes, hits)]
-        self.widths = [m + o for m, o in zip(sizes, other_sizes)]
-        self.blocks, starts, self.padded = _blocks(sizes, self.widths)
-        total = sum(self.padded)
+    def __init__(self, states, supports, kepts, exp_avgs, exp_avg_sqs, kept_in_supports, sizes,
+                 step):
+        dev = supports[0].device
+        in_G = [p.numel() for p in kept_in_supports]
+        kept_sizes = [k.numel() for k in kepts]
+        widths = [m + k - c for m, k, c in zip(sizes, kept_sizes, in_G)]
+        self.blocks, starts, padded = _blocks(sizes, widths)
+        total = sum(padded)
+        self.padded, self.sizes, self.widths, self.step = padded, sizes, widths, step
+        self.states, self.supports, self.kepts, self.pending = states, supports, kepts, False
         self.at_G = _ranges(starts, sizes, dev)
-        at_O = _ranges([s + m for s, m in zip(starts, sizes)], other_sizes, dev)
-        # O_i ascending (as write_out hands it out): one sort in the flat space of _match
-        other = _where(torch.ones(kept.numel(), dtype=torch.bool, device=dev)
-                       .index_fill_(0, in_G, False))
-        flat = _at(kept, other) + _repeat(_starts(numels), other_sizes, dev)
-        other = _at(other, torch.sort(flat).indices)
-        self.index = _put(_put(torch.zeros(total, dtype=torch.int64, device=dev), self.at_G,
-                               support), at_O, _at(kept, other))
-        to_G = _at(self.at_G, at_G)
-        self.m, self.v = (_put(_put(torch.zeros(total, device=dev), at_O, _at(x, other)), to_G,
-                               _at(x, in_G)) for x in (exp_avg, exp_avg_sq))
+        # S_i = [G_i[kept_in_support_i]; O_i]: where each entry of S goes
+        to_K = _ranges([s + m - c for s, m, c in zip(starts, sizes, in_G)], kept_sizes, dev)
+        _put(to_K, _ranges(_starts(kept_sizes), in_G, dev),
+             torch.cat(kept_in_supports) + _repeat(starts, in_G, dev))
+        self.index = _put(torch.zeros(total, dtype=torch.int64, device=dev), to_K,
+                          torch.cat(kepts))
+        _put(self.index, self.at_G, torch.cat(supports))
+        self.m = _put(torch.zeros(total, device=dev), to_K, torch.cat(exp_avgs))
+        self.v = _put(torch.zeros(total, device=dev), to_K, torch.cat(exp_avg_sqs))
         # 1.0 at the slots outside G, and at the dead ones (masks as floats: multiplying by them
         # is 30x faster than masked_fill_ on CPU)
         self.outside_G = torch.ones(total, device=dev).index_fill_(0, self.at_G, 0.0)
-        self.dead = self.outside_G.index_fill(0, at_O, 0.0)
+        self.dead = self.outside_G.index_fill(0, to_K, 0.0)
         # the gradient at G (zero elsewhere) and the update, with views per tensor made once
         self.g, self.delta = torch.zeros(total, device=dev), torch.empty(total, device=dev)
         self.g_rows = [self.g[s:s + m] for s, m in zip(starts, sizes)]
-        self.slots = [(self.index[s:s + w], self.delta[s:s + w])
-                      for s, w in zip(starts, self.widths)]
+        self.slots = [(self.index[s:s + w], self.delta[s:s + w]) for s, w in zip(starts, widths)]
 
-    @staticmethod
-    def kept_of(states):
-        """S and its moments as __init__ takes them, from the states."""
-        columns = [torch.cat([s[k] for s in states]) for k in _MOMENT_STATE]
-        return (*columns, [s["kept"].numel() for s in states])
-
-    def kept(self):
-        """S and its moments after the last step as __init__ takes them, in row order: each
-        tensor's entries in G (ascending), then the others (ascending)."""
-        at = _where(self.keep.bool())
-        return (*(_at(x, at) for x in (self.index, self.m, self.v)), self.counts)
+    @classmethod
+    def update(cls, states, flats, grads, *, sizes, step, **hyper):
+        """so_update_batched on the tensors whose SO states are `states` (dicts, written in
+        place), and the rows for their steps until the next redraw."""
+        cols = [[s[k] for s in states] for k in ("support",) + _MOMENT_STATE]
+        out = so_update_batched(flats, grads, *cols, sizes=sizes, step=step, **hyper)
+        _write(states, out[:3])
+        return cls(states, cols[0], *out, sizes, step)
 
     def fits(self, states, sizes, step):
         return (step == self.step + 1 and sizes == self.sizes and len(states) == len(self.kepts)
@@ -258,8 +296,8 @@ class _Rows:
 
     def write_out(self):
         """Write S and its moments of the last step into the states, in canonical order."""
-        *columns, counts = self.kept()
-        out = [x.split(counts) for x in columns]
+        at = _where(self.keep.bool())  # row order: G's entries (ascending), then O's
+        out = [_at(x, at).split(self.counts) for x in (self.index, self.m, self.v)]
         _write(self.states, out)
         self.kepts, self.pending = out[0], False
 

@@ -14,9 +14,10 @@ The rule, per trainable tensor W viewed flat (N entries, M = max(1, floor(densit
 momentum=False is b1 = 0. A group with dense=True is plain Adam (coupled L2, fp32 moments).
 
 Code: this module holds the optimizer (state, groups, step_in_backward); so.core holds steps 2-5:
-`so_update`, the per-tensor core that reads like the rule (the reference the tests hold the fast
-path to, and a functional form of the rule), and `_Rows`, which SO.step uses: all tensors of a
-group in a few dozen batched ops on fixed-shape buffers, rebuilt when supports are redrawn. so.draws makes the random draws with a
+`so_update`, the per-tensor core that reads like the rule, `so_update_batched`, which runs them
+for all tensors of a group in a few dozen batched ops, and `_Rows`, which does the same between
+redraws without matching indices (SO.step uses those two; so_update is the reference the tests
+hold them to, and a functional form of the rule). so.draws makes the random draws with a
 counter-based hash keyed by (parameter, step, index), so they do not depend on batching or on
 the order in which backward hooks fire; torch's generators are sequential streams, which would.
 Written by hand because no library implements this optimizer.
@@ -28,10 +29,11 @@ from itertools import chain
 import torch
 from torch.optim import Optimizer
 
-from so.core import _Read, _Rows, _adam_delta, _grad_at, _moments, so_update, topk_support
+from so.core import (_Read, _Rows, _adam_delta, _grad_at, _moments, so_update, so_update_batched,
+                     topk_support)
 from so.draws import _GAMMA, _MOMENT_DRAW, _SUPPORT_DRAW, _mix64, _stream, random_supports
 
-__all__ = ["SO", "so_update", "step_in_backward"]
+__all__ = ["SO", "so_update", "so_update_batched", "step_in_backward"]
 
 GRAD_SELECTIONS = ("random", "topk")
 MOMENT_SELECTIONS = ("topk", "random", "dense")
@@ -235,15 +237,13 @@ class SO(Optimizer):
             batch_states, batch_sizes = [states[i] for i in idx], [sizes[i] for i in idx]
             batch = (device, *(id(params[i]) for i in idx))
             rows[batch] = self._rows.get(id(group), {}).get(batch)
-            fits = rows[batch] is not None and rows[batch].fits(batch_states, batch_sizes, step)
-            if idx[0] in due or not fits:  # new rows: for a new G, or from a changed state
-                if fits:  # S as the last step left it, whether written out or not
-                    kept = rows[batch].kept()
-                else:
-                    self._write_out()
-                    kept = _Rows.kept_of(batch_states)
-                rows[batch] = _Rows(batch_states, [f.numel() for f in flats], batch_sizes, *kept)
-            rows[batch](flats, batch_grads, streams=streams, **args)
+            if idx[0] in due or not (rows[batch] and rows[batch].fits(batch_states, batch_sizes,
+                                                                       step)):
+                self._write_out()  # the redraw reads S from the states
+                rows[batch] = _Rows.update(batch_states, flats, batch_grads, sizes=batch_sizes,
+                                           streams=streams, **args)
+            else:
+                rows[batch](flats, batch_grads, streams=streams, **args)
         self._rows[id(group)] = rows
         for p in params:
             p.grad = None  # 6. nothing dense survives the step

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from so import SO
-from so.core import _MOMENT_STATE, _Rows, so_update
+from so.core import _Rows, so_update, so_update_batched
 
 SHAPES = [(40,), (12, 10), (3, 4, 5, 2)]
 STEPS = 50
@@ -202,19 +202,11 @@ def test_dense_group_is_adam_next_to_sparse_group():
     assert so.state[sp]["kept"].numel() == 5 and (sp != sparse).sum() <= 10
 
 
-def _rows(states, flats, sizes, source=None):
-    """_Rows for these states: S from `source` (the previous rows) or from the states."""
-    kept = source.kept() if source is not None else _Rows.kept_of(states)
-    return _Rows(states, [f.numel() for f in flats], sizes, *kept)
-
-
 @pytest.mark.parametrize("moment_selection", ["topk", "random", "dense"])
-def test_rows_equal_per_tensor_core(moment_selection):
-    """Nine steps on tensors of equal and different sizes, the supports redrawn every third step,
-    against so_update tensor by tensor. Rows are built from the states at step 1 (S arbitrary:
-    unsorted, overlapping the supports) and at step 7 (written out at step 6), from the previous
-    rows at step 4 (step 3 not written out). eps = 0: the dead slots of the rows must not
-    turn into 0 / 0."""
+def test_batched_core_equals_per_tensor_core(moment_selection):
+    """Nine steps on tensors of equal and different sizes, the supports redrawn every third step
+    (so_update_batched), _Rows in between; the first kept sets are arbitrary (unsorted,
+    overlapping the supports). eps = 0: the dead slots of the rows must not turn into 0 / 0."""
     gen = torch.Generator().manual_seed(6)
     numels, sizes = [20, 31, 31, 64, 9], [7, 5, 5, 7, 6]
     flats = [torch.randn(n, generator=gen) for n in numels]
@@ -222,35 +214,34 @@ def test_rows_equal_per_tensor_core(moment_selection):
     state = [[torch.randperm(n, generator=gen)[:m] for n, m in zip(numels, sizes)],
              [torch.randn(m, generator=gen) for m in sizes],
              [torch.rand(m, generator=gen) for m in sizes]]
-    states = [dict(zip(("kept", "exp_avg", "exp_avg_sq"), x)) for x in zip(*state)]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.1,
                  moment_selection=moment_selection)
-    streams, rows = [11, -12, 13, 14, 15], None
+    streams = [11, -12, 13, 14, 15]
     for step in range(1, 10):
         grads = [torch.randn(n, generator=gen) for n in numels]
+        states = [dict(zip(("kept", "exp_avg", "exp_avg_sq"), x)) for x in zip(*state)]
         if step % 3 == 1:
             supports = [torch.randperm(n, generator=gen)[:m].sort().values
                         for n, m in zip(numels, sizes)]
             for s, g in zip(states, supports):
                 s["support"] = g
-            rows = _rows(states, twins, sizes, rows if step == 4 else None)
+            rows = _Rows.update(states, twins, grads, step=step, sizes=sizes, streams=streams,
+                                **hyper)
         else:
+            for s, g in zip(states, supports):
+                s["support"] = g
+            rows.states = states
             assert rows.fits(states, sizes, step)
-        before = states[0]["kept"]
-        rows(twins, grads, step=step, streams=streams, **hyper)
-        assert rows.pending and states[0]["kept"] is before  # not written out yet
-        if step % 2 == 0:
+            rows(twins, grads, step=step, streams=streams, **hyper)
+            assert rows.pending and states[0]["kept"] is state[0][0]  # not written out yet
             rows.write_out()
-        kept, m, v, counts = rows.kept()
-        out = [x.split(counts) for x in (kept, m, v)]
+        out = [[s[k] for s in states] for k in ("kept", "exp_avg", "exp_avg_sq")]
         for i in range(len(numels)):
             one = so_update(flats[i], grads[i], supports[i], state[0][i], state[1][i], state[2][i],
                             step=step, size=sizes[i], stream=streams[i], **hyper)
             assert torch.equal(flats[i], twins[i])
             for a, b in zip(one, (x[i] for x in out)):
                 assert torch.equal(a, b)
-            if step % 2 == 0:
-                assert all(torch.equal(a, states[i][k]) for a, k in zip(one, _MOMENT_STATE))
             union = torch.cat([state[0][i], supports[i]]).unique()
             assert one[0].numel() == (union.numel() if moment_selection == "dense" else sizes[i])
         state = out
@@ -261,15 +252,14 @@ def test_prune_ties_go_to_the_lower_index():
     kept, support = torch.tensor([5, 7]), torch.tensor([2, 3])
     m, v = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])
     # beta1 = 0.5: kept entries decay to 0.5, new entries get 0.5 * 1: a four-way tie
-    hyper = dict(step=1, lr=1e-2, beta1=0.5, beta2=0.5, eps=1e-8, weight_decay=0.0,
+    hyper = dict(step=1, lr=1e-2, beta1=0.5, beta2=0.5, eps=1e-8, weight_decay=0.0, size=2,
                  moment_selection="topk")
-    one = so_update(flat.clone(), grad, support, kept, m, v, size=2, **hyper)
+    one = so_update(flat.clone(), grad, support, kept, m, v, **hyper)
     assert one[0].tolist() == [2, 3] and one[1].tolist() == [0.5, 0.5]
-    states = [dict(support=support, kept=kept, exp_avg=m, exp_avg_sq=v)]
-    rows = _rows(states, [flat], [2])
-    rows([flat.clone()], [grad], streams=[0], **hyper)
-    rows.write_out()
-    assert states[0]["kept"].tolist() == [2, 3]
+    hyper.pop("size")
+    batched = so_update_batched([flat.clone()], [grad], [support], [kept], [m], [v], sizes=[2],
+                                streams=[0], **hyper)
+    assert batched[0][0].tolist() == [2, 3]
 
 
 def test_topk_gradient_support_ties_go_to_the_lower_index():
