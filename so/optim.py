@@ -81,12 +81,16 @@ class SO(Optimizer):
     def state(self, state):
         self._state = state
 
+    def __getstate__(self):  # pickling and copy.deepcopy: the seed of later draws goes along
+        return {**super().__getstate__(), "seed": self.seed}
+
     def __setstate__(self, state):  # Optimizer.load_state_dict and unpickling come through here
         state = dict(state)
         if "state" in state:
             self._state = state.pop("state")
         for key in ("_rows", "_read", "_drawn", "_groups"):
             self.__dict__.setdefault(key, {})
+        self.__dict__.setdefault("_tiny", [0, 0])
         super().__setstate__(state)
 
     def _write_out(self):

@@ -132,6 +132,36 @@ def test_resume_equals_uninterrupted_run():
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("copy_", ["deepcopy", "pickle"])
+def test_a_copy_trains_on_like_the_original(copy_):
+    """copy.deepcopy or torch.save of the optimizer object (not its state_dict) keeps the seed:
+    the copy draws the same supports, also for a group added after copying."""
+    import copy
+
+    model = _model()
+    opt = _optimizer(model)
+    _train(model, opt, 4)
+    if copy_ == "deepcopy":
+        twin_model, twin = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        twin_model, twin = torch.load(buffer, weights_only=False)
+    assert twin.seed == opt.seed
+    for m, o in ((model, opt), (twin_model, twin)):
+        extra = nn.Parameter(torch.ones(500))
+        o.add_param_group({"params": [extra], "density": 0.02})
+        for i in range(4, 7):
+            _loss(m, i).backward()
+            extra.grad = torch.linspace(-1, 1, 500)
+            o.step()
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    extra, twin_extra = (o.param_groups[-1]["params"][0] for o in (opt, twin))
+    assert torch.equal(opt.state[extra]["support"], twin.state[twin_extra]["support"])
+
 def test_resume_keeps_index_and_moment_dtypes_for_bf16_params():
     p = torch.randn(300, 200).bfloat16().requires_grad_()
     opt = SO([p], density=0.01)
