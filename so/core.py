@@ -277,8 +277,11 @@ class _Rows:
     def __call__(self, flats, grads, *, step, lr, beta1, beta2, eps, weight_decay,
                  moment_selection, streams):
         """One step; the states are written out when read (write_out)."""
-        for f, gr, s, out in zip(flats, grads, self.supports, self.g_rows):
-            _grad_at(f, gr, s, weight_decay, out=out)
+        if not weight_decay and all(isinstance(gr, _Read) for gr in grads):  # one op, not one a tensor
+            _put(self.g, self.at_G, torch.cat([gr.values for gr in grads]))
+        else:
+            for f, gr, s, out in zip(flats, grads, self.supports, self.g_rows):
+                _grad_at(f, gr, s, weight_decay, out=out)
         _moments(self.m, self.v, self.g, beta1, beta2)  # g: 0 outside G's slots
         _adam_delta(self.m, self.v, lr, beta1, beta2, eps, step, dead=self.dead, out=self.delta)
         for f, (index, delta) in zip(flats, self.slots):

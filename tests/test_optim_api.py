@@ -32,11 +32,11 @@ def _loss(model, i):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def _optimizer(model, seed=1, **kw):
+def _optimizer(model, seed=1, weight_decay=0.01, **kw):
     params = [p for n, p in model.named_parameters() if "bias" not in n]
     biases = [p for n, p in model.named_parameters() if "bias" in n]
     return SO([{"params": params}, {"params": biases, "density": 0.5, "refresh_every": 2}],
-              lr=1e-2, density=0.05, refresh_every=3, weight_decay=0.01,
+              lr=1e-2, density=0.05, refresh_every=3, weight_decay=weight_decay,
               generator=torch.Generator().manual_seed(seed), **kw)
 
 
@@ -53,10 +53,11 @@ def _train(model, opt, iters, start=0, accumulate=1):
 
 @pytest.mark.parametrize("grad_selection", ["random", "topk"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_step_in_backward_equals_plain_loop(grad_selection, accumulate, monkeypatch):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])  # 0: the step takes all reads in one op
+def test_step_in_backward_equals_plain_loop(grad_selection, accumulate, weight_decay, monkeypatch):
     plain, fused = _model(), _model()
-    opt_plain = _optimizer(plain, grad_selection=grad_selection)
-    opt_fused = _optimizer(fused, grad_selection=grad_selection)
+    opt_plain = _optimizer(plain, grad_selection=grad_selection, weight_decay=weight_decay)
+    opt_fused = _optimizer(fused, grad_selection=grad_selection, weight_decay=weight_decay)
     _train(plain, opt_plain, 12, accumulate=accumulate)
     handle = step_in_backward(fused, opt_fused)
     seen, draws = [], []
