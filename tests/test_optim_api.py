@@ -346,21 +346,38 @@ def test_import_needs_only_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu_draws_and_updates():
+def _twin_runs(device, in_backward):
+    """SO on the CPU and on `device` from the same seed and gradients; on `device` the gradients
+    are read as step_in_backward's hooks read them when in_backward. Returns both optimizers and
+    their parameters, and the parameters' starting values."""
     gen = torch.Generator().manual_seed(0)
-    cpu = [torch.randn(s, generator=gen).requires_grad_() for s in [(64, 32), (100,)]]
-    gpu = [p.detach().cuda().requires_grad_() for p in cpu]
-    opt_c, opt_g = SO(cpu, density=0.05, lr=1e-2), SO(gpu, density=0.05, lr=1e-2)
-    opt_g.seed = opt_c.seed
+    cpu = [torch.randn(s, generator=gen).requires_grad_() for s in [(64, 32), (100,), (64, 32)]]
+    other = [p.detach().to(device).requires_grad_() for p in cpu]
+    start = [p.detach().clone() for p in cpu]
+    opt_c, opt_o = SO(cpu, density=0.05, lr=1e-2), SO(other, density=0.05, lr=1e-2)
+    opt_o.seed = opt_c.seed
     for _ in range(12):
         grads = [torch.randn(p.shape, generator=gen) for p in cpu]
-        for p, q, g in zip(cpu, gpu, grads):
-            p.grad, q.grad = g, g.cuda()
+        for p, q, g in zip(cpu, other, grads):
+            p.grad, q.grad = g, g.to(device)
+            if in_backward:
+                opt_o.read_grad(q)
         opt_c.step()
-        opt_g.step()
-    for p, q in zip(cpu, gpu):
-        assert torch.equal(opt_c.state[p]["support"], opt_g.state[q]["support"].cpu())
+        opt_o.step()
+    return opt_c, cpu, opt_o, other, start
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_device_matches_cpu_draws_and_updates(device, in_backward):
+    """The same supports and, to float tolerance, the same parameters on the GPU as on the CPU,
+    with the gradients read in backward or not (on the CPU: the reads against the plain loop)."""
+    opt_c, cpu, opt_o, other, start = _twin_runs(device, in_backward)
+    for p, q, p0 in zip(cpu, other, start):
+        assert q.device.type == device and q.grad is None and not torch.equal(p, p0)
+        assert torch.equal(opt_c.state[p]["support"], opt_o.state[q]["support"].cpu())
+        assert torch.equal(opt_c.state[p]["kept"], opt_o.state[q]["kept"].cpu())
         torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
 
 
