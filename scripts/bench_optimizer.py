@@ -10,7 +10,9 @@ tensors (one step of each Adam, then 4 of each SO, round after round), so the ra
 machine. Times are medians over about --repeats SO steps (a quarter as many Adam steps) after
 warm-up: `median_ms` wall clock, `cpu_ms` process CPU time (all threads); `mean_ms` includes SO's
 support redraws (one step in refresh_every). `vs_adam_*`: the median over rounds of SO's time
-over Adam's in the same round.
+over Adam's in the same round. Optimizer `so_in_backward` is SO as the harness runs it
+(step_in_backward): each gradient is read at its support first, as the hooks do inside backward
+(median `read_ms` for all 96), and the times are those of the step that follows.
 """
 import argparse
 import json
@@ -45,28 +47,34 @@ def state_bytes(opt):
                if torch.is_tensor(v))
 
 
-def time_step(opt, params, grads, device):
-    """(wall ms, process CPU ms) of one opt.step() on the given gradients."""
+def time_step(opt, params, grads, device, in_backward=False):
+    """(wall ms, process CPU ms) of one opt.step() on the given gradients; in_backward: first
+    read them as step_in_backward's hooks do, and add the wall ms of those reads."""
     for p, g in zip(params, grads):  # SO frees .grad every step: hand the same gradients back
         p.grad = g
+    read = _timed(lambda: [opt.read_grad(p) for p in params], device)[:1] if in_backward else ()
+    return _timed(opt.step, device) + read
+
+
+def _timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    opt.step()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 1e3 * (time.perf_counter() - start), 1e3 * (time.process_time() - start_cpu)
 
 
 def time_interleaved(opts, params, grads, rounds, warmup, device):
-    """Per optimizer, per timed round, the (wall ms, process CPU ms) of its steps. opts maps a
-    name to (optimizer, steps per round); the optimizers take turns, round after round, so a
-    shared machine's slow and quiet spells fall on all of them alike. The first `warmup` rounds
-    are not timed."""
+    """Per optimizer, per timed round, time_step's times of its steps. opts maps a
+    name to (optimizer, steps per round[, in_backward]); the optimizers take turns, round after
+    round, so a shared machine's slow and quiet spells fall on all of them alike. The first
+    `warmup` rounds are not timed."""
     times = {name: [] for name in opts}
     for r in range(warmup + rounds):
-        for name, (opt, steps) in opts.items():
-            took = [time_step(opt, params, grads, device) for _ in range(steps)]
+        for name, (opt, steps, *in_backward) in opts.items():
+            took = [time_step(opt, params, grads, device, *in_backward) for _ in range(steps)]
             if r >= warmup:
                 times[name].append(took)
     return times
@@ -74,8 +82,8 @@ def time_interleaved(opts, params, grads, rounds, warmup, device):
 
 def summary(rounds):
     """(median wall ms, mean wall ms, median process CPU ms) over all steps of all rounds."""
-    wall = [w for steps in rounds for w, _ in steps]
-    cpu = [c for steps in rounds for _, c in steps]
+    wall = [t[0] for steps in rounds for t in steps]
+    cpu = [t[1] for steps in rounds for t in steps]
     return statistics.median(wall), statistics.fmean(wall), statistics.median(cpu)
 
 
@@ -103,24 +111,29 @@ def bench_device(device, densities, repeats, refresh_every):
         except RuntimeError as err:  # fused Adam is missing on some devices and torch versions
             rows[name] = dict(common, optimizer=name, error=str(err).splitlines()[0])
             opts.pop(name)
+    so_names = []
     for density in densities:
-        opts[density] = (SO(params, lr=1e-6, density=density, refresh_every=refresh_every),
-                         so_steps)
+        for optimizer, in_backward in (("so", False), ("so_in_backward", True)):
+            so_names.append((optimizer, density))
+            opts[so_names[-1]] = (SO(params, lr=1e-6, density=density, refresh_every=refresh_every),
+                                  so_steps, in_backward)
     rounds = max(1, -(-repeats // so_steps))
     warmup = max(2, -(-(refresh_every + 1) // so_steps))  # past SO's first redraws
     timed = time_interleaved(opts, params, grads, rounds, warmup, device)
-    for name, (opt, _) in opts.items():
+    for name, (opt, *_) in opts.items():
         median, mean, cpu = summary(timed[name])
-        if name in densities:
-            rows[name] = dict(common, optimizer="so", density=name, refresh_every=refresh_every)
+        if name in so_names:
+            rows[name] = dict(common, optimizer=name[0], density=name[1], refresh_every=refresh_every)
         else:
             rows[name] = dict(common, optimizer=name, density=1.0)
         rows[name].update(median_ms=median, mean_ms=mean, cpu_ms=cpu, state_bytes=state_bytes(opt))
-    adam = [name for name in opts if name not in densities]
-    for density in densities:  # SO step time as a fraction of Adam's, round by round
+        if rows[name]["optimizer"] == "so_in_backward":
+            rows[name]["read_ms"] = statistics.median(t[2] for steps in timed[name] for t in steps)
+    adam = [name for name in opts if name not in so_names]
+    for so_name in so_names:  # SO step time as a fraction of Adam's, round by round
         for name in adam:
-            rows[density][f"vs_{name}"] = paired_ratio(timed[density], timed[name], 0)
-            rows[density][f"cpu_vs_{name}"] = paired_ratio(timed[density], timed[name], 1)
+            rows[so_name][f"vs_{name}"] = paired_ratio(timed[so_name], timed[name], 0)
+            rows[so_name][f"cpu_vs_{name}"] = paired_ratio(timed[so_name], timed[name], 1)
     return list(rows.values())
 
 
@@ -143,12 +156,13 @@ def main():
             if args.json:
                 print(json.dumps(row), flush=True)
             elif "error" in row:
-                print(f"{row['device']:5} {row['optimizer']:13} unavailable: {row['error']}")
+                print(f"{row['device']:5} {row['optimizer']:14} unavailable: {row['error']}")
             else:
-                print(f"{row['device']:5} {row['optimizer']:13} density {row['density']:<7g} "
+                print(f"{row['device']:5} {row['optimizer']:14} density {row['density']:<7g} "
                       f"median {row['median_ms']:9.2f} ms  mean {row['mean_ms']:9.2f} ms  "
                       f"cpu {row['cpu_ms']:9.2f} ms  "
-                      f"state {row['state_bytes'] / 2**20:9.2f} MiB", flush=True)
+                      f"state {row['state_bytes'] / 2**20:9.2f} MiB"
+                      + (f"  reads {row['read_ms']:7.2f} ms" if "read_ms" in row else ""), flush=True)
 
 
 if __name__ == "__main__":

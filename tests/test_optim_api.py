@@ -389,6 +389,7 @@ def test_bench_helpers():
     assert len(shapes) == 96 and sum(a * b for a, b in shapes) == 122_683_392
     params = [torch.zeros(64, 32, requires_grad=True) for _ in range(3)]
     grads = [torch.ones(64, 32) for _ in params]
+    twin = [p.detach().clone().requires_grad_() for p in params]
     opt = SO(params, density=0.01)
     times = time_interleaved({"so": (opt, 2)}, params, grads, 2, 1, torch.device("cpu"))
     assert list(times) == ["so"] and [len(r) for r in times["so"]] == [2, 2]
@@ -401,6 +402,12 @@ def test_bench_helpers():
     assert paired_ratio(so, adam, 0) == 0.1 and paired_ratio(so, adam, 1) == 0.1
     assert all(p.grad is None for p in params) and all(int((p != 0).sum()) > 0 for p in params)
     assert state_bytes(opt) == opt.state_bytes() > 3 * 20 * (8 + 8 + 4 + 4)
+    opt_twin = SO(twin, density=0.01)
+    opt_twin.seed = opt.seed
+    read = time_interleaved({"so_in_backward": (opt_twin, 2, True)}, twin, grads, 2, 1,
+                            torch.device("cpu"))["so_in_backward"]
+    assert [len(step) for steps in read for step in steps] == [3] * 4 and read[0][0][2] > 0
+    assert all(torch.equal(p, q) for p, q in zip(params, twin))  # the reads change no number
     adam = torch.optim.Adam(params)
     time_step(adam, params, grads, torch.device("cpu"))
     assert state_bytes(adam) == 3 * 2 * 64 * 32 * 4 + 3 * 4  # two fp32 moments, a step each
