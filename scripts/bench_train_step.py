@@ -98,6 +98,7 @@ def main():
                         help="torch.compile the forward and backward (compiled during warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls, as main.py sets for trials
     for method_name in args.methods.split(","):
         for classes in map(int, args.classes.split(",")):
             row = bench(method_name, classes, args.model, device, args.precision, args.batch_size,
