@@ -133,7 +133,6 @@ def test_resume_equals_uninterrupted_run():
         assert torch.equal(a, b)
 
 
-
 @pytest.mark.parametrize("copy_", ["deepcopy", "pickle"])
 def test_a_copy_trains_on_like_the_original(copy_):
     """copy.deepcopy or torch.save of the optimizer object (not its state_dict) keeps the seed:
@@ -162,6 +161,7 @@ def test_a_copy_trains_on_like_the_original(copy_):
         assert torch.equal(a, b)
     extra, twin_extra = (o.param_groups[-1]["params"][0] for o in (opt, twin))
     assert torch.equal(opt.state[extra]["support"], twin.state[twin_extra]["support"])
+
 
 def test_resume_keeps_index_and_moment_dtypes_for_bf16_params():
     p = torch.randn(300, 200).bfloat16().requires_grad_()

@@ -18,13 +18,18 @@ def data(tmp_path_factory):
     return lambda shots: build_dataset("synthetic", root / "synthetic", shots, 1, root / "cache")
 
 
-def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
+def build(dataset, lr, method, grad_checkpointing=False, **method_cfg):
+    """The tiny model (seed 0), the method from its config file (and `method_cfg`), the prompts."""
     torch.manual_seed(0)
     model, _, tokenizer = build_clip("so-tiny")
     model.set_grad_checkpointing(grad_checkpointing)
-    method = build_method(yaml.safe_load(open(f"configs/method/{method}.yaml")), model, lr=lr, seed=1)
+    cfg = yaml.safe_load(open(f"configs/method/{method}.yaml")) | method_cfg
+    return model, build_method(cfg, model, lr=lr, seed=1), train.Prompts(dataset, tokenizer, CPU)
+
+
+def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
+    model, method, prompts = build(dataset, lr, method, grad_checkpointing)
     cfg = OmegaConf.create({"seed": 1, "batch_size": 8, "precision": "auto", "compile": "none", **cfg})
-    prompts = train.Prompts(dataset, tokenizer, CPU)
     return train.train(cfg, model, prompts, method, dataset.train_x, CPU)
 
 
@@ -97,14 +102,9 @@ def test_claim_gpu_takes_one_no_other_trial_holds(monkeypatch, tmp_path):
         fcntl.flock(open(tmp_path / "so-clip-gpu-GPU-2.lock", "w"), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-
 def _trajectory(dataset, batches, precision, in_backward):
     """Per-iteration losses of SO (the paper's density, lr 1e-2) on the tiny model."""
-    torch.manual_seed(0)
-    model, _, tokenizer = build_clip("so-tiny")
-    cfg = yaml.safe_load(open("configs/method/so.yaml")) | {"step_in_backward": in_backward}
-    method = build_method(cfg, model, lr=1e-2, seed=1)
-    prompts = train.Prompts(dataset, tokenizer, CPU)
+    model, method, prompts = build(dataset, 1e-2, "so", step_in_backward=in_backward)
     model.train()
     return torch.stack([train.train_step(model, prompts, images, labels, method.optimizer, precision, CPU)
                         for images, labels in batches])
