@@ -10,7 +10,7 @@ from torch import nn
 
 import so.optim
 from so import SO, step_in_backward
-from so.draws import _first_distinct, _mix64, _mix64_tensor, random_supports
+from so.draws import first_distinct, random_supports, splitmix64, splitmix64_
 
 # tiny tensors (LayerNorm weights at density 0.05) warn by design; test_tiny_tensors checks it
 pytestmark = pytest.mark.filterwarnings("ignore:SO. .* floor\\(density")
@@ -316,9 +316,9 @@ def test_group_validation_names_the_group():
 
 def test_splitmix_on_tensors_matches_python_ints():
     x = torch.randint(-2**63, 2**63 - 1, (500,), generator=torch.Generator().manual_seed(0))
-    want = [_mix64(int(v) % 2**64) for v in x]
+    want = [splitmix64(int(v) % 2**64) for v in x]
     want = torch.tensor([w - 2**64 if w >= 2**63 else w for w in want])
-    assert torch.equal(_mix64_tensor(x), want)
+    assert torch.equal(splitmix64_(x), want)
 
 
 def test_random_supports_are_uniform_draws_without_replacement():
@@ -335,7 +335,7 @@ def test_random_supports_are_uniform_draws_without_replacement():
         expected = trials * m / n
         assert ((counts - expected).abs() < 5 * expected**0.5).all(), counts
     # a stream that needs more draws than planned is extended; the draw is its first distinct values
-    deep = _first_distinct([3], [3], [42], "cpu")[0]
+    deep = first_distinct([3], [3], [42], "cpu")[0]
     assert deep.tolist() == [0, 1, 2]
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from so import SO
-from so.core import _Rows, so_update, so_update_batched
+from so.batched import BatchedState, batched_update
+from so.rule import so_update
 
 SHAPES = [(40,), (12, 10), (3, 4, 5, 2)]
 STEPS = 50
@@ -146,6 +147,44 @@ def test_matches_reference(case):
         assert int((p != p0).sum()) >= ref.size
 
 
+@pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_reference_and_batched_paths_agree_bit_for_bit(case, in_backward):
+    """SO(impl="reference") runs so_update tensor by tensor, SO(impl="batched") the fast path:
+    same seed and gradients, every switch, redraws and steps between them, a tensor that skips
+    steps, tensors of equal size, a bf16 one: the same parameters and state at every step."""
+    density, refresh_every, wd, grad_sel, moment_sel, support, momentum = case
+    gen = torch.Generator().manual_seed(2)
+    shapes = SHAPES + [(12, 10), (7, 11)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    start[-1] = start[-1].bfloat16()
+    runs = {}
+    for impl in ("reference", "batched"):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = SO(params, lr=1e-2, weight_decay=wd, density=density, refresh_every=refresh_every,
+                 grad_selection=grad_sel, moment_selection=moment_sel, support=support,
+                 momentum=momentum, impl=impl, generator=torch.Generator().manual_seed(7))
+        runs[impl] = params, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 25)
+    for t in range(1, 26):
+        grads = [None if (i == 1 and t in (4, 5)) else torch.randn(s, generator=gen).to(p.dtype)
+                 for i, (s, p) in enumerate(zip(shapes, start))]
+        for params, opt, schedule in runs.values():
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.clone()
+                if in_backward and g is not None:
+                    opt.read_grad(p)
+            opt.step()
+            schedule.step()
+        (ref, ref_opt, _), (fast, fast_opt, _) = runs["reference"], runs["batched"]
+        for p, q in zip(ref, fast):
+            assert torch.equal(p, q), f"step {t}"
+            a, b = ref_opt.state[p], fast_opt.state[q]
+            assert a.keys() == b.keys() and a["step"] == b["step"]
+            for key in ("support", "kept", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(a[key], b[key]), f"step {t}: {key}"
+    assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(fast, start))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_match_reference(dtype):
     gen = torch.Generator().manual_seed(3)
@@ -205,7 +244,7 @@ def test_dense_group_is_adam_next_to_sparse_group():
 @pytest.mark.parametrize("moment_selection", ["topk", "random", "dense"])
 def test_batched_core_equals_per_tensor_core(moment_selection):
     """Nine steps on tensors of equal and different sizes, the supports redrawn every third step
-    (so_update_batched), _Rows in between; the first kept sets are arbitrary (unsorted,
+    (batched_update), BatchedState in between; the first kept sets are arbitrary (unsorted,
     overlapping the supports). eps = 0: the dead slots of the rows must not turn into 0 / 0."""
     gen = torch.Generator().manual_seed(6)
     numels, sizes = [20, 31, 31, 64, 9], [7, 5, 5, 7, 6]
@@ -225,16 +264,16 @@ def test_batched_core_equals_per_tensor_core(moment_selection):
                         for n, m in zip(numels, sizes)]
             for s, g in zip(states, supports):
                 s["support"] = g
-            rows = _Rows.update(states, twins, grads, step=step, sizes=sizes, streams=streams,
+            rows = BatchedState.after_redraw(states, twins, grads, step=step, sizes=sizes, streams=streams,
                                 **hyper)
         else:
             for s, g in zip(states, supports):
                 s["support"] = g
             rows.states = states
-            assert rows.fits(states, sizes, step)
-            rows(twins, grads, step=step, streams=streams, **hyper)
+            assert rows.matches(states, sizes, step)
+            rows.step_all(twins, grads, step=step, streams=streams, **hyper)
             assert rows.pending and states[0]["kept"] is state[0][0]  # not written out yet
-            rows.write_out()
+            rows.write_to_states()
         out = [[s[k] for s in states] for k in ("kept", "exp_avg", "exp_avg_sq")]
         for i in range(len(numels)):
             one = so_update(flats[i], grads[i], supports[i], state[0][i], state[1][i], state[2][i],
@@ -257,7 +296,7 @@ def test_prune_ties_go_to_the_lower_index():
     one = so_update(flat.clone(), grad, support, kept, m, v, **hyper)
     assert one[0].tolist() == [2, 3] and one[1].tolist() == [0.5, 0.5]
     hyper.pop("size")
-    batched = so_update_batched([flat.clone()], [grad], [support], [kept], [m], [v], sizes=[2],
+    batched = batched_update([flat.clone()], [grad], [support], [kept], [m], [v], sizes=[2],
                                 streams=[0], **hyper)
     assert batched[0][0].tolist() == [2, 3]
 
