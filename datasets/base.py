@@ -20,7 +20,7 @@ PHOTO_TEMPLATE = "a photo of a {}."
 VAL_SHOTS = 4  # CoOp: the validation subset has min(shots, 4) images per class
 
 
-def see(section):
+def datasets_md(section):
     return f"see DATASETS.md#{section}"
 
 
@@ -31,11 +31,11 @@ class Record:
     classname: str  # the prompt name: underscores already replaced by spaces
 
 
-def record(path, label, classname):
+def make_record(path, label, classname):
     return Record(str(path), label, classname.replace("_", " "))
 
 
-def inside(folder, rel, what, under="."):
+def path_inside(folder, rel, what, under="."):
     """Absolute path of `under`/`rel` in `folder`; rejects entries that lead out of `folder`.
 
     The check is lexical (no symlink resolution), so symlinked image folders keep working."""
@@ -43,7 +43,7 @@ def inside(folder, rel, what, under="."):
     path = os.path.normpath(os.path.join(folder, under, rel))
     if not path.startswith(folder + os.sep):
         raise ValueError(f"{what}: path {rel!r} resolves outside the dataset folder {folder}; "
-                         f"split entries must stay inside it ({see('split-files')})")
+                         f"split entries must stay inside it ({datasets_md('split-files')})")
     return path
 
 
@@ -51,11 +51,11 @@ def read_json(path, what, section):
     """Parsed JSON from `path`, or an error that names the file and the DATASETS.md section."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} is missing ({see(section)})")
+        raise FileNotFoundError(f"{what} {path} is missing ({datasets_md(section)})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e}); download it again ({see(section)})") from None
+        raise ValueError(f"{what} {path} is not valid JSON ({e}); download it again ({datasets_md(section)})") from None
 
 
 def write_atomic(path, data):
@@ -81,7 +81,7 @@ def read_split_json(path, image_dir, dataset_dir, name):
     data = read_json(path, f"{name}: split file", name)
     if not isinstance(data, dict) or not all(isinstance(data.get(s), list) for s in ("train", "val", "test")):
         raise ValueError(f"{name}: split file {path} must be a JSON object with lists 'train', 'val' and "
-                         f"'test' ({see('split-files')})")
+                         f"'test' ({datasets_md('split-files')})")
     root = os.path.normpath(dataset_dir)
     splits = {}
     for split in ("train", "val", "test"):
@@ -90,9 +90,9 @@ def read_split_json(path, image_dir, dataset_dir, name):
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
                     and type(entry[1]) is int and isinstance(entry[2], str)):
                 raise ValueError(f"{name}: split file {path}, {split}[{i}] = {entry!r}; expected "
-                                 f"[relative image path, integer label, class name] ({see('split-files')})")
-            image = inside(root, entry[0], f"{name}: split file {path}, {split}[{i}]", under=image_dir)
-            records.append(record(image, entry[1], entry[2]))
+                                 f"[relative image path, integer label, class name] ({datasets_md('split-files')})")
+            image = path_inside(root, entry[0], f"{name}: split file {path}, {split}[{i}]", under=image_dir)
+            records.append(make_record(image, entry[1], entry[2]))
         splits[split] = records
     return splits
 
@@ -110,8 +110,8 @@ class Benchmark:
     def __init__(self, root):
         root = Path(os.path.normpath(Path(root).expanduser().absolute()))
         if not root.is_dir():
-            raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set data_root to the "
-                                    f"folder that holds the dataset folders ({see('layout')})")
+            raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set paths.data_root to the "
+                                    f"folder that holds the dataset folders ({datasets_md('layout')})")
         self.root = root
         self.dir = self.find_dir()
 
@@ -120,7 +120,7 @@ class Benchmark:
             if (self.root / folder).is_dir():
                 return self.root / folder
         raise FileNotFoundError(f"{self.name}: no dataset folder under {self.root}; looked for "
-                                f"{', '.join(self.folders)} ({see(self.name)})")
+                                f"{', '.join(self.folders)} ({datasets_md(self.name)})")
 
     @property
     def source(self):
@@ -143,16 +143,16 @@ def classnames_of(splits, name, source):
         for r in records:
             if names.setdefault(r.label, r.classname) != r.classname:
                 raise ValueError(f"{name}: {source} gives label {r.label} two names, {names[r.label]!r} and "
-                                 f"{r.classname!r} ({see(name)})")
+                                 f"{r.classname!r} ({datasets_md(name)})")
     if not splits["train"] or not splits["test"]:
-        raise ValueError(f"{name}: {source} has an empty train or test split ({see(name)})")
+        raise ValueError(f"{name}: {source} has an empty train or test split ({datasets_md(name)})")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{name}: labels in {source} must be 0..C-1 without gaps, got {sorted(names)[:10]}... "
-                         f"({see(name)})")
+                         f"({datasets_md(name)})")
     empty = sorted(set(names) - {r.label for r in splits["train"]})
     if empty:
         raise ValueError(f"{name}: {len(empty)} class(es) have no training image in {source}, e.g. "
-                         f"{names[empty[0]]!r} ({see(name)})")
+                         f"{names[empty[0]]!r} ({datasets_md(name)})")
     return [names[label] for label in range(len(names))]
 
 
@@ -194,7 +194,7 @@ class FewShotDataset:
         missing = missing_images(self.train_x + self.val + self.test)
         if missing:
             raise FileNotFoundError(f"{self.name}: {len(missing)} image(s) listed in {benchmark.source} are missing, "
-                                    f"e.g. {missing[0]} ({see(self.name)})")
+                                    f"e.g. {missing[0]} ({datasets_md(self.name)})")
 
     def _subsets(self, benchmark, splits):
         wanted = {"train": self.shots, "val": min(self.shots, VAL_SHOTS)}
@@ -218,7 +218,7 @@ class FewShotDataset:
         """The cached subset of `pool`; every entry must still be in the split with the same label."""
         stale = ValueError(f"{self.name}: few-shot cache {self.cache_file} does not match {benchmark.source} "
                            f"({split} split); delete the cache file to draw the subset again "
-                           f"({see('few-shot-subsets')})")
+                           f"({datasets_md('few-shot-subsets')})")
         expected = {"dataset": self.name, "shots": self.shots, "seed": self.seed}
         if not isinstance(data, dict) or any(data.get(k) != v for k, v in expected.items()) \
                 or not isinstance(data.get(split), list):
@@ -228,15 +228,11 @@ class FewShotDataset:
         for entry in data[split]:
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
                 raise stale
-            r = by_path.get(inside(benchmark.dir, entry[0], f"{self.name}: few-shot cache {self.cache_file}"))
+            r = by_path.get(path_inside(benchmark.dir, entry[0], f"{self.name}: few-shot cache {self.cache_file}"))
             if r is None or r.label != entry[1]:
                 raise stale
             records.append(r)
         return records
-
-    def prompts(self):
-        """Per class, the prompt for every template."""
-        return [[t.format(c) for t in self.templates] for c in self.classnames]
 
     def __repr__(self):
         return (f"FewShotDataset({self.name}: {len(self.classnames)} classes, {self.shots}-shot seed {self.seed}, "

@@ -13,7 +13,6 @@ import sys
 from . import BENCHMARKS
 from .base import missing_images
 
-REAL = [name for name in BENCHMARKS if not name.startswith("synthetic")]  # the 11 benchmarks
 
 
 def check(name, root):
@@ -33,13 +32,13 @@ def check(name, root):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m datasets.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the data root ($DATA) holding the dataset folders")
-    parser.add_argument("names", nargs="*", metavar="name", help=f"default: all of {', '.join(REAL)}")
+    parser.add_argument("names", nargs="*", metavar="name", help=f"default: all of {', '.join(BENCHMARKS)}")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(REAL))
+    unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
-        parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of {', '.join(REAL)}")
+        parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of {', '.join(BENCHMARKS)}")
     usable = []
-    for name in args.names or REAL:
+    for name in args.names or BENCHMARKS:
         ok, report = check(name, args.root)
         usable.append(ok)
         print(f"{'ok' if ok else 'MISSING':8} {name:15} {report}", flush=True)

@@ -1,4 +1,4 @@
-from .base import Benchmark, inside, record, see
+from .base import Benchmark, datasets_md, make_record, path_inside
 
 
 class FGVCAircraft(Benchmark):
@@ -24,13 +24,13 @@ class FGVCAircraft(Benchmark):
                 image_id, _, variant = line.strip().partition(" ")
                 if variant not in labels:
                     raise ValueError(f"{self.name}: {path} line {n}: variant {variant!r} is not in {self.source} "
-                                     f"({see(self.name)})")
-                image = inside(self.dir, f"{image_id}.jpg", f"{self.name}: {path} line {n}", under=self.image_dir)
-                records.append(record(image, labels[variant], variant))
+                                     f"({datasets_md(self.name)})")
+                image = path_inside(self.dir, f"{image_id}.jpg", f"{self.name}: {path} line {n}", under=self.image_dir)
+                records.append(make_record(image, labels[variant], variant))
             splits[split] = records
         return splits
 
     def lines(self, path):
         if not path.is_file():
-            raise FileNotFoundError(f"{self.name}: annotation file {path} is missing ({see(self.name)})")
+            raise FileNotFoundError(f"{self.name}: annotation file {path} is missing ({datasets_md(self.name)})")
         return path.read_text(encoding="utf-8").splitlines()

@@ -3,7 +3,7 @@
 An image is a coloured shape with a surface pattern on a background scene, at some size, position and
 rotation, with pixel noise; its caption names those attributes ("a photo of a small red striped triangle
 on a sand background"). `sample` draws attributes, `render` draws a whole batch of them at once in torch
-(the sandbox pretraining, so/sandbox/pretrain.py, renders every batch fresh) and `caption` words one.
+(the sandbox pretraining, scripts/pretrain_sandbox.py, renders every batch fresh) and `caption` words one.
 
 `PRETRAIN` is the pretraining distribution: it never shows the colour-shape pairs of `HELD_OUT` nor the
 backgrounds of `UNSEEN_BACKGROUNDS`. The few-shot tasks are defined against it:

@@ -9,6 +9,8 @@ DRY_RUN=0
 OVERRIDES=()   # extra Hydra overrides for every trial (launcher, max_iters, ...)
 TRIALS=0
 FAILED=()
+# The 11 benchmarks: every configs/dataset/*.yaml but the generated sandbox tasks (synthetic*).
+BENCHMARKS="$(for f in "$ROOT"/configs/dataset/*.yaml; do f="$(basename "$f" .yaml)"; [[ $f == synthetic* ]] || echo "$f"; done | xargs)"
 
 usage() {  # the header comment of the calling script
   sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
@@ -27,9 +29,9 @@ parse_args() {
          exit 2 ;;
     esac
   done
-  local data_root="${DATA:-<unset: pass data_root=... or set DATA>}"
-  for arg in "${OVERRIDES[@]}"; do [[ $arg == data_root=* ]] && data_root="${arg#data_root=}"; done
-  echo "data_root: $data_root" >&2
+  local data_root="${DATA:-<unset: pass paths.data_root=... or set DATA>}"
+  for arg in "${OVERRIDES[@]}"; do [[ $arg == paths.data_root=* ]] && data_root="${arg#paths.data_root=}"; done
+  echo "paths.data_root: $data_root" >&2
   if ((${#OVERRIDES[@]})); then echo "extra overrides for every trial: ${OVERRIDES[*]}" >&2; fi
 }
 
@@ -37,7 +39,7 @@ join() { local IFS=,; echo "$*"; }
 
 # sweep NAME "DATASETS" "METHODS" "SHOTS" "SEEDS" [METHOD_OVERRIDE ...]
 # One Hydra multirun over the product DATASETS x METHODS x SHOTS x SEEDS (space-separated lists),
-# written under ${out_root}/NAME. --dry-run prints its trials instead, one per line, in launch order.
+# written under ${paths.out_root}/NAME. --dry-run prints its trials instead, one per line, in launch order.
 sweep() {
   local name="$1" dataset method shots seed n
   local -a datasets methods shot_list seeds fixed

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The SO ablations (the paper's Tables 3 and 4): each variant changes one switch of the SO rule
-# (SO_SPEC.md) and is one Hydra multirun over datasets x shots x seeds, written under
+# (so/rule.py) and is one Hydra multirun over datasets x shots x seeds, written under
 # outputs/ablations/<variant>/ so that `python scripts/aggregate.py outputs/ablations` gives one row per
 # variant. Variants:
 #   so              the paper's SO (random gradient, top-k moments, dynamic support, momentum)
-#   grad_topk       importance gradient: method.grad_selection=topk
-#   moment_random   random moment pruning: method.moment_selection=random
-#   moment_dense    dense moments, sparse gradient: method.moment_selection=dense
-#   support_static  support drawn once: method.support=static
-#   no_momentum     method.momentum=false
+#   grad_topk       importance gradient: method.optimizer.grad_selection=topk
+#   moment_random   random moment pruning: method.optimizer.moment_selection=random
+#   moment_dense    dense moments, sparse gradient: method.optimizer.moment_selection=dense
+#   support_static  support drawn once: method.optimizer.support=static
+#   no_momentum     method.optimizer.momentum=false
 #
 # Usage: scripts/ablations.sh [--dry-run] [--help] [HYDRA_OVERRIDE ...]
 #   --dry-run         list the trials, one per line on stdout (totals on stderr); launch nothing
-#   HYDRA_OVERRIDE    added to every trial, e.g. hydra/launcher=slurm, method.density=5e-5
+#   HYDRA_OVERRIDE    added to every trial, e.g. hydra/launcher=slurm, method.optimizer.density=5e-5
 # Environment (space-separated lists):
-#   DATA      data root holding the benchmark folders (DATASETS.md), or pass data_root=...
+#   DATA      data root holding the benchmark folders (DATASETS.md), or pass paths.data_root=...
 #   VARIANTS  default: all six above
 #   DATASETS  default: the 11 benchmarks
 #   SHOTS     default: "1 4 16"
@@ -25,15 +25,15 @@ source "$(dirname "$0")/_sweep.sh"
 
 declare -A SWITCHES=(
   [so]=""
-  [grad_topk]="method.grad_selection=topk"
-  [moment_random]="method.moment_selection=random"
-  [moment_dense]="method.moment_selection=dense"
-  [support_static]="method.support=static"
-  [no_momentum]="method.momentum=false"
+  [grad_topk]="method.optimizer.grad_selection=topk"
+  [moment_random]="method.optimizer.moment_selection=random"
+  [moment_dense]="method.optimizer.moment_selection=dense"
+  [support_static]="method.optimizer.support=static"
+  [no_momentum]="method.optimizer.momentum=false"
 )
 ALL_VARIANTS="so grad_topk moment_random moment_dense support_static no_momentum"
 VARIANTS="${VARIANTS:-$ALL_VARIANTS}"
-DATASETS="${DATASETS:-imagenet sun397 fgvc_aircraft eurosat stanford_cars food101 oxford_pets oxford_flowers caltech101 dtd ucf101}"
+DATASETS="${DATASETS:-$BENCHMARKS}"
 SHOTS="${SHOTS:-1 4 16}"
 SEEDS="${SEEDS:-1 2 3}"
 NAME="${NAME:-ablations}"

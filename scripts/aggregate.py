@@ -26,8 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-PAPER_ORDER = ["imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars", "food101", "oxford_pets",
-               "oxford_flowers", "caltech101", "dtd", "ucf101"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from datasets import BENCHMARKS  # noqa: E402  (the paper's column order)
+
+PAPER_ORDER = list(BENCHMARKS)
 KEY = ["name", "dataset", "method", "shots", "seed"]
 ZEROSHOT = "zeroshot"
 

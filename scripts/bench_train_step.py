@@ -54,7 +54,7 @@ def bench(method_name, classes, model_name, device, precision, batch_size, iters
     torch.manual_seed(0)
     model, _, tokenizer = build_clip(MODELS[model_name], None, device=device)
     cfg = method_config(method_name)
-    method = build_method(cfg, model, lr=float(cfg["lr"]), seed=0)
+    method = build_method(cfg, model, seed=0)
     dataset = SimpleNamespace(classnames=class_names(classes), templates=["a photo of a {}."])
     prompts = Prompts(dataset, tokenizer, device)
     size = square_size(model.visual.image_size)

@@ -8,7 +8,7 @@
 #   HYDRA_OVERRIDE    added to every trial, e.g. hydra/launcher=slurm hydra.launcher.partition=gpu,
 #                     hydra/launcher=parallel (NUM_GPUS=4), max_iters=500, model.pretrained=/path/ViT-B-16.pt
 # Environment (space-separated lists):
-#   DATA      data root holding the benchmark folders (DATASETS.md), or pass data_root=...
+#   DATA      data root holding the benchmark folders (DATASETS.md), or pass paths.data_root=...
 #   DATASETS  default: the 11 benchmarks
 #   METHODS   default: "so lora adam zeroshot" (zeroshot: once per dataset, at the first SHOTS and SEEDS)
 #   SHOTS     default: "1 2 4 8 16"
@@ -17,7 +17,7 @@
 #   PYTHON    interpreter, default: python
 source "$(dirname "$0")/_sweep.sh"
 
-DATASETS="${DATASETS:-imagenet sun397 fgvc_aircraft eurosat stanford_cars food101 oxford_pets oxford_flowers caltech101 dtd ucf101}"
+DATASETS="${DATASETS:-$BENCHMARKS}"
 METHODS="${METHODS:-so lora adam zeroshot}"
 SHOTS="${SHOTS:-1 2 4 8 16}"
 SEEDS="${SEEDS:-1 2 3}"

@@ -2,12 +2,12 @@
 # The sandbox table: the main table's methods on the synthetic world's held-out tasks, with the tiny CLIP
 # pretrained on that world (model=tiny_pretrained), then aggregated like the paper's tables (tables.md,
 # table_<K>shot.csv, accuracy_vs_shots.png in outputs/sandbox_table/aggregate/). Runs offline on a CPU.
-# The checkpoint is pretrained first when missing (python -m so.sandbox.pretrain, a few minutes), so
+# The checkpoint is pretrained first when missing (scripts/pretrain_sandbox.py, a few minutes), so
 # parallel launchers never build it twice. Zero-shot runs once per task, as in scripts/main_table.sh.
 #
 # Usage: scripts/sandbox_table.sh [--dry-run] [--help] [HYDRA_OVERRIDE ...]
 #   --dry-run         list the trials, one per line on stdout (totals on stderr); launch nothing
-#   HYDRA_OVERRIDE    added to every trial, e.g. max_iters=300 logger=none num_workers=0, cache_dir=...
+#   HYDRA_OVERRIDE    added to every trial, e.g. max_iters=300 logger=none num_workers=0, paths.cache_dir=...
 # Environment (space-separated lists):
 #   DATASETS  default: "synthetic_compositions synthetic_shift"
 #   METHODS   default: "so lora adam zeroshot"
@@ -31,8 +31,8 @@ override() {  # the value of key $1 among the overrides, or $2
 }
 
 if ((!DRY_RUN)); then
-  cache_dir="$(override cache_dir "")"
-  (cd "$ROOT" && "$PYTHON" -m so.sandbox.pretrain ${cache_dir:+"cache_dir=$cache_dir"})
+  cache_dir="$(override paths.cache_dir "")"
+  "$PYTHON" "$ROOT/scripts/pretrain_sandbox.py" ${cache_dir:+"paths.cache_dir=$cache_dir"}
 fi
 read -ra shot_list <<<"$SHOTS"; read -ra seeds <<<"$SEEDS"
 trained=()
@@ -44,7 +44,7 @@ if ((${#trained[@]})); then
   sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS" model=tiny_pretrained
 fi
 if ((!DRY_RUN)); then
-  results="$(override out_root outputs)/$NAME"
+  results="$(override paths.out_root outputs)/$NAME"
   [[ $results == /* ]] || results="$ROOT/$results"
   "$PYTHON" "$ROOT/scripts/aggregate.py" "$results" || FAILED+=("aggregate")
 fi

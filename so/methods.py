@@ -27,26 +27,24 @@ class Method:
     name: str                                    # cfg.method.name, as written in results.json
     optimizer: torch.optim.Optimizer | None      # None for zeroshot
     trainable: dict[str, torch.nn.Parameter]     # what trains, named as in model.named_parameters()
-    step_hooks: object | None = None             # step_in_backward handle (SO); .remove() detaches it
 
     @property
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
 
 
-def build_method(cfg_method, model, lr, seed):
+def build_method(cfg_method, model, seed):
     """Freeze `model`, add adapters if the method has them, mark what trains and build its optimizer.
-    `cfg_method` is a plain mapping (main.py resolves the Hydra config; no omegaconf needed here);
-    `lr` is the trial's (top-level) lr; `seed` seeds SO's support draws."""
+    `cfg_method` is a plain mapping (main.py resolves the Hydra config; no omegaconf needed here),
+    its `optimizer` the optimizer's arguments; `seed` seeds SO's support draws."""
     cfg = dict(cfg_method)
     name, kind = cfg.pop("name", None), cfg.pop("kind", None)
-    cfg.pop("lr", None)  # read by the top-level config; the resolved value arrives as `lr`
     if not name:
         raise ValueError("method.name is missing: every configs/method/*.yaml names its method.")
     if kind not in BUILDERS:
         raise ValueError(f"method.kind={kind!r}: expected one of {list(BUILDERS)}.")
     model.requires_grad_(False)
-    return BUILDERS[kind](name, cfg, model, lr, seed)
+    return BUILDERS[kind](name, cfg, model, seed)
 
 
 def select_blocks(model, encoder, position):
@@ -76,45 +74,52 @@ def select_weights(model, encoder, position):
     return trainable
 
 
-def _check_keys(cfg, kind, required, optional=()):
+def _check_keys(cfg, kind, required):
     missing = [k for k in required if k not in cfg]
-    unknown = [k for k in cfg if k not in required and k not in optional]
+    unknown = [k for k in cfg if k not in required]
     if missing or unknown:
         raise ValueError(f"method (kind {kind}): missing keys {missing}, unknown keys {unknown}; "
-                         f"expected {list(required) + sorted(optional)}.")
+                         f"expected {list(required)}.")
 
 
-def _fast_path(params):
-    """fused on CUDA, foreach elsewhere (torch.optim's own implementations)."""
+def make_optimizer(cls, params, cfg, **fixed):
+    """cls(params, **cfg, **fixed) for the `method.optimizer` mapping cfg, its keys checked against
+    cls's arguments (less those the method sets itself: `fixed`); betas lists become tuples."""
+    allowed = sorted(set(inspect.signature(cls).parameters) - {"params", *fixed})
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown or "lr" not in cfg:
+        raise ValueError(f"method.optimizer: unknown keys {unknown}{'' if 'lr' in cfg else ', lr missing'}; "
+                         f"{cls.__name__} takes {allowed}.")
+    return cls(params, **{k: tuple(v) if k == "betas" else v for k, v in cfg.items()}, **fixed)
+
+
+def torch_fast_path(params):
+    """torch.optim's own fast paths: fused on CUDA, foreach elsewhere."""
     return {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
 
 
-def _build_so(name, cfg, model, lr, seed):
-    so_args = set(inspect.signature(SO).parameters) - {"params", "lr", "generator"}
-    _check_keys(cfg, "so", ("encoder", "position", "step_in_backward"), so_args)
-    trainable = select_weights(model, cfg.pop("encoder"), cfg.pop("position"))
-    in_backward = cfg.pop("step_in_backward")
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
-    params = list(trainable.values())
-    generator = torch.Generator(params[0].device).manual_seed(seed)
-    optimizer = SO(params, lr=lr, generator=generator, **cfg)
-    hooks = step_in_backward(params, optimizer) if in_backward else None
-    return Method(name, optimizer, trainable, hooks)
-
-
-def _build_adam(name, cfg, model, lr, seed):
-    _check_keys(cfg, "adam", ("encoder", "position", "betas", "weight_decay"))
+def _build_so(name, cfg, model, seed):
+    _check_keys(cfg, "so", ("encoder", "position", "step_in_backward", "optimizer"))
     trainable = select_weights(model, cfg["encoder"], cfg["position"])
     params = list(trainable.values())
-    optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(cfg["betas"]),
-                                 weight_decay=cfg["weight_decay"], **_fast_path(params))
+    generator = torch.Generator(params[0].device).manual_seed(seed)
+    optimizer = make_optimizer(SO, params, cfg["optimizer"], generator=generator)
+    if cfg["step_in_backward"]:
+        step_in_backward(params, optimizer)
     return Method(name, optimizer, trainable)
 
 
-def _build_lora(name, cfg, model, lr, seed):
+def _build_adam(name, cfg, model, seed):
+    _check_keys(cfg, "adam", ("encoder", "position", "optimizer"))
+    trainable = select_weights(model, cfg["encoder"], cfg["position"])
+    params = list(trainable.values())
+    optimizer = make_optimizer(torch.optim.Adam, params, cfg["optimizer"], **torch_fast_path(params))
+    return Method(name, optimizer, trainable)
+
+
+def _build_lora(name, cfg, model, seed):
     _check_keys(cfg, "lora", ("encoder", "position", "targets", "rank", "alpha", "dropout", "dora",
-                              "betas", "weight_decay"))
+                              "optimizer"))
     if not (isinstance(cfg["rank"], int) and cfg["rank"] > 0):
         raise ValueError(f"method.rank={cfg['rank']!r}: expected a positive integer.")
     if not 0 <= cfg["dropout"] < 1:
@@ -124,12 +129,11 @@ def _build_lora(name, cfg, model, lr, seed):
     model.requires_grad_(False)
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     params = [p.requires_grad_(True) for p in trainable.values()]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg["betas"]),
-                                  weight_decay=cfg["weight_decay"], **_fast_path(params))
+    optimizer = make_optimizer(torch.optim.AdamW, params, cfg["optimizer"], **torch_fast_path(params))
     return Method(name, optimizer, trainable)
 
 
-def _build_zeroshot(name, cfg, model, lr, seed):
+def _build_zeroshot(name, cfg, model, seed):
     _check_keys(cfg, "zeroshot", ())
     return Method(name, None, {})
 

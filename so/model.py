@@ -3,7 +3,6 @@
 `build_clip(name, pretrained)` returns (model, eval_transform, tokenizer). `pretrained` is an
 open_clip tag (e.g. "openai"), a local weights file (.safetensors, .bin, .pth, or OpenAI's TorchScript
 .pt), or None for random weights. Hub tags fail fast offline and point to the local-file option.
-A missing file named so-sandbox.bin (model=tiny_pretrained) is pretrained first (so/sandbox/).
 """
 import logging
 import os
@@ -14,8 +13,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.pretrained import get_pretrained_cfg
-
-from so.sandbox import CHECKPOINT as SANDBOX_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +28,11 @@ LOCAL_FILE_HINT = (
 def build_clip(name, pretrained=None, device="cpu"):
     """Create an open_clip CLIP model in fp32 with its eval transform and tokenizer."""
     weights_only = True
-    if pretrained is not None and Path(str(pretrained)).name == SANDBOX_CHECKPOINT:
+    if pretrained is not None:
         pretrained = os.path.expanduser(str(pretrained))
         if not os.path.isfile(pretrained):
-            from so.sandbox.pretrain import build_checkpoint  # it imports this module
-
-            build_checkpoint(pretrained, name)
-    if pretrained is not None and not os.path.isfile(str(pretrained)):
-        pretrained = _resolve_tag(name, str(pretrained))
-    if pretrained is not None and str(pretrained).endswith(".pt"):
+            pretrained = _resolve_tag(name, pretrained)
+    if pretrained is not None and pretrained.endswith(".pt"):
         # OpenAI's original checkpoints are TorchScript archives, which torch.load can only open with
         # weights_only=False (arbitrary unpickling): allowed for that file type alone.
         log.warning("Loading %s with weights_only=False (OpenAI TorchScript checkpoint).", pretrained)

@@ -28,9 +28,9 @@ def test_loader_reads_its_layout(tmp_path, name):
     assert ds.name == name
     assert ds.classnames == expected["classnames"]
     assert ds.templates == ["a photo of a {}."]
-    assert ds.prompts()[1] == [f"a photo of a {expected['classnames'][1]}."]
+    assert ds.templates[0].format(ds.classnames[1]) == f"a photo of a {expected['classnames'][1]}."
 
-    splits, _ = datasets.BENCHMARKS[name](tmp_path / "data").read()
+    splits, _ = datasets.LOADERS[name](tmp_path / "data").read()
     for split, records in splits.items():
         assert per_class(records, n) == expected["counts"][split], split
     assert per_class(ds.test, n) == expected["counts"]["test"]
@@ -90,7 +90,7 @@ def test_clip_templates_option(tmp_path, name, template):
     write_benchmark(tmp_path, name)
     ds = datasets.build_dataset(name, tmp_path, 1, 1, tmp_path / "cache", templates="clip")
     assert ds.templates == [template]
-    assert ds.prompts()[0] == [template.format(ds.classnames[0])]
+    assert ds.templates == [template]
     with pytest.raises(ValueError, match="dataset.templates must be one of photo, clip"):
         datasets.build_dataset(name, tmp_path, 1, 1, tmp_path / "cache", templates="ensemble")
 
@@ -107,8 +107,8 @@ def synthetic_root(tmp_path_factory):
 
 def test_synthetic_goes_through_the_split_json_loader(tmp_path, synthetic_root):
     ds = datasets.build_dataset("synthetic", synthetic_root, 4, 1, tmp_path)
-    assert issubclass(datasets.BENCHMARKS["synthetic"], Benchmark)  # and it uses the shared split-JSON reader
-    assert datasets.BENCHMARKS["synthetic"].read_splits is Benchmark.read_splits
+    assert issubclass(datasets.SANDBOX_TASKS["synthetic"], Benchmark)  # and it uses the shared split-JSON reader
+    assert datasets.SANDBOX_TASKS["synthetic"].read_splits is Benchmark.read_splits
     assert len(ds.classnames) == 8 and ds.classnames[0] == "red circle" and ds.classnames[-1] == "pink heart"
     assert per_class(ds.test, 8) == [20] * 8 and per_class(ds.train_x, 8) == [4] * 8
     split = json.loads((synthetic_root / synthetic.SPLIT_FILE).read_text())
@@ -132,6 +132,7 @@ def test_synthetic_is_generated_once_deterministically_and_atomically(tmp_path, 
     assert not list(b.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # datasets.check in subprocesses
 def test_check_lists_usable_and_missing(tmp_path, capsys):
     for name in ("dtd", "eurosat", "food101", "imagenet"):
         write_benchmark(tmp_path, name)

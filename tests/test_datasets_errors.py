@@ -145,6 +145,6 @@ def test_every_section_named_in_errors_exists_in_datasets_md():
     headings = re.findall(r"^#+ (.+)$", (root / "DATASETS.md").read_text(), flags=re.M)
     anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
     code = "".join(p.read_text() for p in (root / "datasets").glob("*.py"))
-    named = set(re.findall(r"see\('([\w-]+)'\)", code)) | set(re.findall(r"DATASETS.md#([\w-]+)", code))
-    named |= set(datasets.BENCHMARKS)  # see(self.name)
+    named = set(re.findall(r"datasets_md\('([\w-]+)'\)", code)) | set(re.findall(r"DATASETS.md#([\w-]+)", code))
+    named |= set(datasets.LOADERS)  # datasets_md(self.name)
     assert len(named) > 15 and named <= anchors, named - anchors

@@ -60,13 +60,15 @@ def snapshot(model):
 
 
 def test_configs_compose_with_their_defaults():
-    assert OmegaConf.load(METHOD_DIR / "so.yaml").density == 5e-4
+    assert OmegaConf.load(METHOD_DIR / "so.yaml").optimizer.density == 5e-4
     cli = method_cfg("so_reference_cli")
-    assert [cli[k] for k in ("name", "kind", "density", "refresh_every")] == ["so_reference_cli", "so", 5e-5, 5]
-    assert [cli[k] for k in ("lr", "grad_selection", "step_in_backward")] == [2e-4, "random", True]  # from so.yaml
+    assert [cli[k] for k in ("name", "kind", "step_in_backward")] == ["so_reference_cli", "so", True]
+    assert [cli["optimizer"][k] for k in ("density", "refresh_every")] == [5e-5, 5]
+    assert [cli["optimizer"][k] for k in ("lr", "grad_selection")] == [2e-4, "random"]  # from so.yaml
     dora = method_cfg("dora")
     assert [dora[k] for k in ("name", "kind", "dora")] == ["dora", "lora", True]
-    assert [dora[k] for k in ("rank", "alpha", "dropout", "weight_decay")] == [2, 1, 0.25, 1e-2]  # from lora.yaml
+    assert [dora[k] for k in ("rank", "alpha", "dropout")] == [2, 1, 0.25]  # from lora.yaml
+    assert dora["optimizer"]["weight_decay"] == 1e-2
 
 
 def test_method_configs_are_plain_yaml_floats():
@@ -74,7 +76,8 @@ def test_method_configs_are_plain_yaml_floats():
     import yaml
 
     for path in METHOD_DIR.glob("*.yaml"):
-        for key, value in yaml.safe_load(path.read_text()).items():
+        cfg = yaml.safe_load(path.read_text())
+        for key, value in [*cfg.items(), *cfg.get("optimizer", {}).items()]:
             assert not (isinstance(value, str) and value[:1].isdigit()), f"{path.name}: {key}={value!r}"
 
 
@@ -96,15 +99,15 @@ def test_selection_for_every_encoder_and_position(tiny, encoder):
 def test_invalid_settings_name_the_key(tiny):
     model = fresh(tiny)
     with pytest.raises(ValueError, match=r"method.encoder='image'.*text.*vision.*both"):
-        build_method(method_cfg("adam", "method.encoder=image"), model, 1e-3, 0)
+        build_method(method_cfg("adam", "method.encoder=image", "method.optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"method.position='top2'.*half-up"):
-        build_method(method_cfg("adam", "method.position=top2"), model, 1e-3, 0)
+        build_method(method_cfg("adam", "method.position=top2", "method.optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"unknown keys \['rank'\]"):
-        build_method(method_cfg("adam", "+method.rank=2"), model, 1e-3, 0)
+        build_method(method_cfg("adam", "+method.rank=2", "method.optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"method.kind='sgd'"):
-        build_method({"name": "sgd", "kind": "sgd"}, model, 1e-3, 0)
+        build_method({"name": "sgd", "kind": "sgd"}, model, 0)
     with pytest.raises(ValueError, match=r"method.targets=\['q', 'x'\]"):
-        build_method(method_cfg("lora", "method.targets=[q,x]"), model, 1e-3, 0)
+        build_method(method_cfg("lora", "method.targets=[q,x]", "method.optimizer.lr=1e-3"), model, 0)
 
 
 def test_vit_b16_trainable_counts():
@@ -112,21 +115,22 @@ def test_vit_b16_trainable_counts():
     vision = sum(p.numel() for p in select_weights(model, "vision", "all").values())
     text = sum(p.numel() for p in select_weights(model, "text", "all").values())
     assert (vision, text) == (84_934_656, 37_748_736)
-    assert build_method(method_cfg("adam"), model, 2e-4, 0).trainable_params == 122_683_392
-    lora = build_method(method_cfg("lora"), model, 2e-4, 0)
+    assert build_method(method_cfg("adam", "method.optimizer.lr=2e-4"), model, 0).trainable_params == 122_683_392
+    lora = build_method(method_cfg("lora", "method.optimizer.lr=2e-4"), model, 0)
     assert lora.trainable_params == 184_320  # 12 blocks x 3 (q, k, v) x 2 x rank 2 x (768 + 512)
     assert len(lora.trainable) == 2 * 12 * 3 * 2
 
 
 def test_so_passes_every_switch_and_seeds_its_generator(tiny):
-    cfg = method_cfg("so", "method.grad_selection=topk", "method.moment_selection=dense",
-                     "method.support=static", "method.momentum=false", "method.density=0.01")
-    method = build_method(cfg, fresh(tiny), 3e-4, 0)
+    cfg = method_cfg("so", "method.optimizer.grad_selection=topk", "method.optimizer.moment_selection=dense",
+                     "method.optimizer.support=static", "method.optimizer.momentum=false",
+                     "method.optimizer.density=0.01", "method.optimizer.lr=3e-4")
+    method = build_method(cfg, fresh(tiny), 0)
     group = method.optimizer.param_groups[0]
     assert (group["lr"], group["density"], group["refresh_every"]) == (3e-4, 0.01, 10)
     assert (group["grad_selection"], group["moment_selection"], group["support"], group["momentum"]) \
         == ("topk", "dense", "static", False)
-    assert method.step_hooks is not None and method.trainable_params == 2 * 12 * 49152
+    assert method.trainable_params == 2 * 12 * 49152
 
 
 def test_so_in_backward_matches_a_plain_step(tiny):
@@ -134,7 +138,8 @@ def test_so_in_backward_matches_a_plain_step(tiny):
     results = []
     for in_backward in (True, False):
         model = fresh(tiny)
-        method = build_method(method_cfg("so", f"method.step_in_backward={in_backward}"), model, 1e-2, 7)
+        method = build_method(method_cfg("so", f"method.step_in_backward={in_backward}",
+                                         "method.optimizer.lr=1e-2"), model, 7)
         before = snapshot(model)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         F.cross_entropy(100 * image_features @ encode_text(model, tokens).T, labels).backward()
@@ -150,7 +155,7 @@ def test_so_in_backward_matches_a_plain_step(tiny):
 @pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
 def test_only_trainable_tensors_change(tiny, name):
     model = fresh(tiny)
-    method = build_method(method_cfg(name), model, 1e-3, 0)
+    method = build_method(method_cfg(name, "method.optimizer.lr=1e-3"), model, 0)
     assert method.trainable == {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = snapshot(model)
     train_step(model, method, tiny)
@@ -182,7 +187,7 @@ def test_split_attention_matches_multihead_attention(batch_first):
 
 def test_lora_follows_clip_lora(tiny):
     model = fresh(tiny)
-    method = build_method(method_cfg("lora", "method.targets=[q,k,v,o]"), model, 1e-3, 0)
+    method = build_method(method_cfg("lora", "method.targets=[q,k,v,o]", "method.optimizer.lr=1e-3"), model, 0)
     assert method.trainable_params == 2 * 12 * 4 * 2 * 2 * 64  # o included: four adapters per block
     layer = model.transformer.resblocks[3].attn.v_proj
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -203,7 +208,7 @@ def test_lora_follows_clip_lora(tiny):
 def test_adapters_start_at_the_base_model_and_move(tiny, name):
     base = fresh(tiny)
     model = fresh(tiny)
-    method = build_method(method_cfg(name), model, 1e-2, 0)
+    method = build_method(method_cfg(name, "method.optimizer.lr=1e-2"), model, 0)
     expected = outputs(base, tiny)
     torch.testing.assert_close(outputs(model, tiny), expected, rtol=0, atol=1e-6)
     model.train()  # dropout on the adapter input: still the base model while B = 0
@@ -218,12 +223,12 @@ def test_adapters_start_at_the_base_model_and_move(tiny, name):
 @pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
 def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, tmp_path):
     model = fresh(tiny)
-    method = build_method(method_cfg(name), model, 1e-2, 0)
+    method = build_method(method_cfg(name, "method.optimizer.lr=1e-2"), model, 0)
     train_step(model, method, tiny)
     save_trained(method, model, tmp_path / "trained.pt")
     torch.manual_seed(123)  # a different adapter initialisation in the fresh model
     loaded = fresh(tiny)
-    load_trained(build_method(method_cfg(name), loaded, 1e-2, 0), loaded, tmp_path / "trained.pt")
+    load_trained(build_method(method_cfg(name, "method.optimizer.lr=1e-2"), loaded, 0), loaded, tmp_path / "trained.pt")
     assert torch.equal(outputs(loaded, tiny), outputs(model, tiny))
     assert not torch.equal(outputs(loaded, tiny), outputs(fresh(tiny), tiny))
 
@@ -231,26 +236,26 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, t
 def test_load_rejects_a_file_that_does_not_match(tiny, tmp_path):
     model = fresh(tiny)
     path = tmp_path / "trained.pt"
-    save_trained(build_method(method_cfg("adam"), model, 1e-3, 0), model, path)
+    save_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), model, 0), model, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}.*unexpected.*visual.transformer"):
-        load_trained(build_method(method_cfg("adam", "method.encoder=text"), other, 1e-3, 0), other, path)
+        load_trained(build_method(method_cfg("adam", "method.encoder=text", "method.optimizer.lr=1e-3"), other, 0), other, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}: holds method 'adam', expected 'lora'"):
-        load_trained(build_method(method_cfg("lora"), other, 1e-3, 0), other, path)
+        load_trained(build_method(method_cfg("lora", "method.optimizer.lr=1e-3"), other, 0), other, path)
     saved = torch.load(path, weights_only=True)
     name = next(iter(saved["tensors"]))
     saved["tensors"][name] = saved["tensors"][name][:1]
     torch.save(saved, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}: shape mismatch.*{name}"):
-        load_trained(build_method(method_cfg("adam"), other, 1e-3, 0), other, path)
+        load_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), other, 0), other, path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_trained(build_method(method_cfg("adam"), other, 1e-3, 0), other, tmp_path / "missing.pt")
+        load_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), other, 0), other, tmp_path / "missing.pt")
 
 
 def test_zeroshot_trains_nothing(tiny):
     model = fresh(tiny)
-    method = build_method(method_cfg("zeroshot"), model, None, 0)
+    method = build_method(method_cfg("zeroshot"), model, 0)
     assert method.optimizer is None and method.trainable == {} and method.trainable_params == 0
     assert not any(p.requires_grad for p in model.parameters())

@@ -1,5 +1,5 @@
 """The pretrained sandbox: the synthetic world (attributes -> images and captions), its held-out tasks on
-disk, the contrastive pretraining, the build-when-missing hook of build_clip, and real zero-shot transfer.
+disk, the contrastive pretraining, main.py's build-when-missing step, and real zero-shot transfer.
 
 The transfer test pretrains with a smaller run (SMALL: 200 steps of 64 pairs, under a minute on 2 CPU
 cores) and asserts zero-shot top-1 on each held-out task of at least twice chance; the same evaluation
@@ -24,8 +24,8 @@ from PIL import Image
 import datasets
 from datasets import synthetic
 from datasets.pipeline import test_loader
+from scripts import pretrain_sandbox as pretrain
 from so.model import build_clip
-from so.sandbox import CHECKPOINT, pretrain
 from train import Prompts, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_tasks_are_written_in_the_benchmark_layout(tmp_path, name):
     ds = datasets.build_dataset(name, tmp_path / name, 16, 1, tmp_path / "cache")
     assert ds.classnames == [f"{c} {s}" for c, s in dist.pairs] and len(ds.classnames) == 16
     assert len(ds.train_x) == 16 * 16 and len(ds.test) == 16 * 50
-    assert ds.prompts()[0] == [f"a photo of a {dist.pairs[0][0]} {dist.pairs[0][1]}."]
+    assert ds.templates[0].format(ds.classnames[0]) == f"a photo of a {dist.pairs[0][0]} {dist.pairs[0][1]}."
     split = json.loads((tmp_path / name / synthetic.SPLIT_FILE).read_text())
     color, shape = dist.pairs[0]
     assert split["train"][0] == [f"{color}_{shape}/train_000.png", 0, f"{color} {shape}"]
@@ -124,30 +124,33 @@ def test_pretraining_is_deterministic_and_leaves_the_caller_rng_alone(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_build_clip_pretrains_a_missing_sandbox_checkpoint(tmp_path, monkeypatch):
+def test_a_missing_sandbox_checkpoint_is_built_once_and_build_clip_never_trains(tmp_path, monkeypatch):
     built = []
 
-    def small(path, model):
-        built.append((path, model))
-        return pretrain.pretrain(**pretrain.recipe(out=path, model=model, steps=2, batch_size=8, warmup=1))
+    def small(**settings):
+        built.append(settings)
+        return original(**dict(settings, steps=2, batch_size=8, warmup=1))  # the recipe, made small
 
-    monkeypatch.setattr(pretrain, "build_checkpoint", small)
-    path = tmp_path / "sandbox" / CHECKPOINT
+    original = pretrain.pretrain
+    monkeypatch.setattr(pretrain, "pretrain", small)
+    path = tmp_path / "sandbox" / "so-sandbox.bin"
+    with pytest.raises(ValueError, match="neither a file nor"):  # building a model never trains one
+        build_clip("so-sandbox", str(path))
+    pretrain.build_if_missing(path, "so-sandbox")
+    assert [(s["out"], s["model"], s["steps"]) for s in built] == [(str(path), "so-sandbox", 800)]
     model, _, _ = build_clip("so-sandbox", str(path))
-    assert built == [(str(path), "so-sandbox")] and path.is_file()
     saved = torch.load(path, weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
-    build_clip("so-sandbox", str(path))  # present now: loaded, not built again
+    pretrain.build_if_missing(path, "so-sandbox")  # present now: not built again
     assert len(built) == 1
-    with pytest.raises(ValueError, match="neither a file nor"):  # other missing files are still errors
-        build_clip("so-sandbox", str(tmp_path / "other.bin"))
 
 
+@pytest.mark.slow  # pretrain_sandbox.py in subprocesses
 def test_the_command_line_writes_the_checkpoint_and_skips_an_existing_one(tmp_path):
     out = tmp_path / "ck" / "tiny.bin"
-    run = lambda *args: subprocess.run([sys.executable, "-m", "so.sandbox.pretrain", f"out={out}", "steps=2",
-                                        "batch_size=8", "warmup=1", *args], cwd=tmp_path, capture_output=True,
-                                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_sandbox.py"), f"out={out}",
+                                        "steps=2", "batch_size=8", "warmup=1", *args], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=300)
     proc = run()
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["steps"] == 2
@@ -168,6 +171,7 @@ def zeroshot(model, transform, tokenizer, root, cache):
     return accuracy
 
 
+@pytest.mark.slow  # a 200-step pretraining
 def test_pretrained_model_transfers_zero_shot_and_random_weights_do_not(tmp_path):
     path = tmp_path / "small.bin"
     pretrain.pretrain(**pretrain.recipe(out=str(path), **SMALL))

@@ -1,11 +1,12 @@
 """The sweep scripts: --dry-run trial lists (exact lines and counts), the multiruns they launch, errors."""
 import os
 import subprocess
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ELEVEN = ("imagenet sun397 fgvc_aircraft eurosat stanford_cars food101 oxford_pets oxford_flowers caltech101 "
-          "dtd ucf101").split()
+ELEVEN = sorted(p.stem for p in (ROOT / "configs" / "dataset").glob("*.yaml") if not p.stem.startswith("synthetic"))
 LIST_VARS = ("DATA", "DATASETS", "METHODS", "SHOTS", "SEEDS", "NAME", "VARIANTS", "DENSITIES", "REFRESH_EVERY",
              "METHOD", "PYTHON")
 
@@ -36,7 +37,7 @@ def test_main_table_lists_495_trained_and_11_zeroshot_trials():
 
 
 def test_main_table_takes_lists_and_overrides_from_the_environment():
-    proc = script("main_table.sh", "--dry-run", "max_iters=5", "data_root=/data", DATASETS="dtd eurosat",
+    proc = script("main_table.sh", "--dry-run", "max_iters=5", "paths.data_root=/data", DATASETS="dtd eurosat",
                   METHODS="adam zeroshot", SHOTS="2 4", SEEDS="7", NAME="mine")
     assert proc.stdout.splitlines() == [
         "name=mine dataset=dtd method=zeroshot shots=2 seed=7",
@@ -45,7 +46,7 @@ def test_main_table_takes_lists_and_overrides_from_the_environment():
         "name=mine dataset=dtd method=adam shots=4 seed=7",
         "name=mine dataset=eurosat method=adam shots=2 seed=7",
         "name=mine dataset=eurosat method=adam shots=4 seed=7"]
-    assert "data_root: /data" in proc.stderr and "extra overrides for every trial: max_iters=5 data_root=/data" in proc.stderr
+    assert "paths.data_root: /data" in proc.stderr and "extra overrides for every trial: max_iters=5 paths.data_root=/data" in proc.stderr
 
 
 def test_main_table_launches_one_multirun_per_group():
@@ -63,25 +64,25 @@ def test_ablations_list_one_variant_per_experiment_name():
     small = trials("ablations.sh", DATASETS="dtd", SHOTS="4", SEEDS="1")
     assert small == [
         "name=ablations/so dataset=dtd method=so shots=4 seed=1",
-        "name=ablations/grad_topk dataset=dtd method=so method.grad_selection=topk shots=4 seed=1",
-        "name=ablations/moment_random dataset=dtd method=so method.moment_selection=random shots=4 seed=1",
-        "name=ablations/moment_dense dataset=dtd method=so method.moment_selection=dense shots=4 seed=1",
-        "name=ablations/support_static dataset=dtd method=so method.support=static shots=4 seed=1",
-        "name=ablations/no_momentum dataset=dtd method=so method.momentum=false shots=4 seed=1"]
+        "name=ablations/grad_topk dataset=dtd method=so method.optimizer.grad_selection=topk shots=4 seed=1",
+        "name=ablations/moment_random dataset=dtd method=so method.optimizer.moment_selection=random shots=4 seed=1",
+        "name=ablations/moment_dense dataset=dtd method=so method.optimizer.moment_selection=dense shots=4 seed=1",
+        "name=ablations/support_static dataset=dtd method=so method.optimizer.support=static shots=4 seed=1",
+        "name=ablations/no_momentum dataset=dtd method=so method.optimizer.momentum=false shots=4 seed=1"]
     proc = script("ablations.sh", PYTHON="echo", VARIANTS="no_momentum", DATASETS="dtd ucf101", SHOTS="1 4")
     assert proc.stdout.splitlines() == [
-        "main.py -m name=ablations/no_momentum dataset=dtd,ucf101 method=so method.momentum=false shots=1,4 seed=1,2,3"]
+        "main.py -m name=ablations/no_momentum dataset=dtd,ucf101 method=so method.optimizer.momentum=false shots=1,4 seed=1,2,3"]
 
 
 def test_sensitivity_lists_the_density_by_refresh_grid():
     lines = trials("sensitivity.sh")
     assert len(lines) == 5 * 5 * 3 * 1 * 3
-    assert lines[0] == ("name=sensitivity/density1e-5_refresh1 dataset=dtd method=so method.density=1e-5 "
-                        "method.refresh_every=1 shots=4 seed=1")
+    assert lines[0] == ("name=sensitivity/density1e-5_refresh1 dataset=dtd method=so method.optimizer.density=1e-5 "
+                        "method.optimizer.refresh_every=1 shots=4 seed=1")
     small = trials("sensitivity.sh", DENSITIES="5e-4 1e-3", REFRESH_EVERY="10", DATASETS="dtd", SEEDS="2")
     assert small == [
-        "name=sensitivity/density5e-4_refresh10 dataset=dtd method=so method.density=5e-4 method.refresh_every=10 shots=4 seed=2",
-        "name=sensitivity/density1e-3_refresh10 dataset=dtd method=so method.density=1e-3 method.refresh_every=10 shots=4 seed=2"]
+        "name=sensitivity/density5e-4_refresh10 dataset=dtd method=so method.optimizer.density=5e-4 method.optimizer.refresh_every=10 shots=4 seed=2",
+        "name=sensitivity/density1e-3_refresh10 dataset=dtd method=so method.optimizer.density=1e-3 method.optimizer.refresh_every=10 shots=4 seed=2"]
 
 
 def test_help_and_bad_arguments():
@@ -99,6 +100,7 @@ def test_help_and_bad_arguments():
             "support_static no_momentum)") in bad.stderr
 
 
+@pytest.mark.slow  # launches the multiruns
 def test_a_failed_multirun_is_reported_and_the_others_still_run():
     proc = script("ablations.sh", PYTHON="false", VARIANTS="so no_momentum", DATASETS="dtd", check=False)
     assert proc.returncode == 1

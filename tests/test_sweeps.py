@@ -21,8 +21,8 @@ def sweep(out, *args):
     # one thread per process: on a busy CPU, torch's default thread pool makes the trials several times slower
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DATASETS": "synthetic", "METHODS": "adam so",
            "SHOTS": "1 2", "SEEDS": "1 2", "NAME": "sweep"}
-    overrides = ["experiment=demo", "model=tiny", "logger=none", "num_workers=0", "max_iters=2", "save=true", "count_updates=true",
-                 f"out_root={out / 'out'}", f"cache_dir={out / 'cache'}"]
+    overrides = ["experiment=demo", "debug=fast", "max_iters=2", "save=true", "count_updates=true",
+                 f"paths.out_root={out / 'out'}", f"paths.cache_dir={out / 'cache'}"]
     proc = subprocess.run(["bash", "scripts/main_table.sh", *args, *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -47,6 +47,7 @@ def swept(tmp_path_factory):
     return out, lines, first
 
 
+@pytest.mark.slow  # a sweep of main.py trials
 def test_the_sweep_runs_exactly_the_dry_run_trials(swept):
     out, lines, first = swept
     assert len(lines) == 8 and first.stderr.count("Launching 8 trials") == 1
@@ -58,6 +59,7 @@ def test_the_sweep_runs_exactly_the_dry_run_trials(swept):
     assert not list((out / "out").rglob("*.tmp"))
 
 
+@pytest.mark.slow  # a sweep of main.py trials
 def test_a_rerun_skips_every_trial_and_completes_only_a_deleted_one(swept):
     out, lines, _ = swept
     before = mtimes(out)
@@ -76,6 +78,7 @@ def test_a_rerun_skips_every_trial_and_completes_only_a_deleted_one(swept):
     assert [p for p in after if after[p] != before[p]] == [deleted]
 
 
+@pytest.mark.slow  # a sweep of main.py trials
 def test_aggregate_makes_the_table_of_the_sweep(swept):
     out, _, _ = swept
     proc = subprocess.run([sys.executable, "scripts/aggregate.py", str(out / "out"), str(out / "agg")], cwd=ROOT,
@@ -95,6 +98,7 @@ def test_aggregate_makes_the_table_of_the_sweep(swept):
     assert (out / "agg" / "missing.txt").read_text() == "" and (out / "agg" / "duplicates.txt").read_text() == ""
 
 
+@pytest.mark.slow  # a sweep of main.py trials
 def test_plot_updates_shows_sparse_so_and_dense_adam_changes(swept, plot_updates, capsys):
     out, _, _ = swept
     trials = out / "out" / "sweep" / "synthetic"
@@ -112,8 +116,8 @@ def test_plot_updates_shows_sparse_so_and_dense_adam_changes(swept, plot_updates
     assert len(so) == len(adam) == 2 * 12 * 4 and set(so["weight"]) == {
         "attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
     config = json.loads((trials / "so" / "1shot" / "seed1" / "results.json").read_text())["config"]["method"]
-    assert config["refresh_every"] > 2  # two steps on one support: only its M entries per tensor can move
-    support = (so["entries"] * config["density"]).astype(int).clip(lower=1)
+    assert config["optimizer"]["refresh_every"] > 2  # two steps on one support: only its M entries per tensor can move
+    support = (so["entries"] * config["optimizer"]["density"]).astype(int).clip(lower=1)
     assert (so["changed"] >= 1).all() and (so["changed"] <= support).all()
     assert (adam["changed"] / adam["entries"] > 0.99).all()  # dense Adam moves (nearly) every weight
     # update counts (count_updates=true, SO only): both steps moved the same support, and only it
@@ -129,8 +133,8 @@ def test_launcher_configs_compose(monkeypatch, tmp_path):
     monkeypatch.setenv("NUM_GPUS", "4")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         slurm = compose("config", ["experiment=demo", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                   f"cache_dir={tmp_path}"], return_hydra_config=True).hydra.launcher
-        parallel = compose("config", ["experiment=demo", "hydra/launcher=parallel", f"cache_dir={tmp_path}"],
+                                   f"paths.cache_dir={tmp_path}"], return_hydra_config=True).hydra.launcher
+        parallel = compose("config", ["experiment=demo", "hydra/launcher=parallel", f"paths.cache_dir={tmp_path}"],
                            return_hydra_config=True).hydra.launcher
     assert slurm._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (slurm.partition, slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb) == ("gpu", 1, 8, 32)
@@ -148,6 +152,7 @@ def plot_updates():
     return module
 
 
+@pytest.mark.slow  # a sweep of main.py trials
 def test_plot_updates_needs_a_saved_trial(swept, plot_updates, tmp_path):
     out, _, _ = swept
     with pytest.raises(SystemExit, match=f"{tmp_path / 'results.json'} not found"):

@@ -24,7 +24,8 @@ def build(dataset, lr, method, grad_checkpointing=False, **method_cfg):
     model, _, tokenizer = build_clip("so-tiny")
     model.set_grad_checkpointing(grad_checkpointing)
     cfg = yaml.safe_load(open(f"configs/method/{method}.yaml")) | method_cfg
-    return model, build_method(cfg, model, lr=lr, seed=1), train.Prompts(dataset, tokenizer, CPU)
+    cfg["optimizer"]["lr"] = lr
+    return model, build_method(cfg, model, seed=1), train.Prompts(dataset, tokenizer, CPU)
 
 
 def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
@@ -68,6 +69,7 @@ def _failing_backend(graph, example_inputs):
     raise RuntimeError("this backend cannot compile")
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("backend", ["aot_eager", _failing_backend])
 def test_compiled_step_keeps_the_loss_trajectory(data, monkeypatch, backend):
     """compile=default through torch.compile (aot_eager here: inductor needs minutes on 2 CPU

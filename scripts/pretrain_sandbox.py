@@ -1,14 +1,17 @@
-"""Contrastive pretraining of the tiny CLIP on the synthetic world: `python -m so.sandbox.pretrain`.
+"""Contrastive pretraining of the tiny CLIP on the synthetic world: `python scripts/pretrain_sandbox.py`.
 
 Every step draws a fresh batch of images and captions from the pretraining distribution
 (datasets.synthetic.PRETRAIN: some colour-shape pairs and backgrounds are never shown) and takes an
 AdamW step on open_clip's ClipLoss, as open_clip's own training script does (learned temperature clamped
 at 100, no weight decay on gains and biases). The result is saved as an open_clip-loadable state dict,
-with a JSON record of the run beside it. Settings: configs/sandbox/pretrain.yaml.
+with a JSON record of the run beside it. Settings: configs/pretrain_sandbox.yaml. main.py calls
+`build_if_missing` for a model config with pretrain_if_missing (model=tiny_pretrained).
 """
+import inspect
 import io
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -18,12 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
-from datasets.base import write_atomic, write_json_atomic
-from datasets.synthetic import pretraining_batch
-from so.model import build_clip, encode_text, tokenize
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout: datasets/ and so/ beside scripts/
+from datasets.base import write_atomic, write_json_atomic  # noqa: E402
+from datasets.synthetic import pretraining_batch  # noqa: E402
+from so.model import build_clip, encode_text, tokenize  # noqa: E402
 
 log = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sandbox" / "pretrain.yaml"
+CONFIG = ROOT / "configs" / "pretrain_sandbox.yaml"
 
 
 def pretrain(out, model, seed, steps, batch_size, lr, warmup, weight_decay, threads=None):
@@ -86,24 +91,31 @@ def train_clip(model, seed, steps, batch_size, lr, warmup, weight_decay, desc):
     return clip, record
 
 
+PRETRAIN_ARGS = tuple(inspect.signature(pretrain).parameters)
+
+
 def settings(cfg):
-    """The arguments of `pretrain` from a config shaped like configs/sandbox/pretrain.yaml."""
+    """The arguments of `pretrain` from a config shaped like configs/pretrain_sandbox.yaml."""
     cfg = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in cfg.items() if k not in ("defaults", "hydra", "cache_dir", "force")}
+    return {k: cfg[k] for k in PRETRAIN_ARGS}
 
 
 def recipe(**overrides):
-    """The arguments of `pretrain`: configs/sandbox/pretrain.yaml with `overrides` (e.g. a smaller run)."""
+    """The arguments of `pretrain`: configs/pretrain_sandbox.yaml with `overrides`, which must name
+    `out` (the file's own default needs the paths group, which only a Hydra run composes)."""
     return settings(OmegaConf.merge(OmegaConf.load(CONFIG), overrides))
 
 
-def build_checkpoint(path, model):
-    """Pretrain `model` with the settings of configs/sandbox/pretrain.yaml into `path` (build_clip's hook)."""
-    log.warning("%s is missing: pretraining it now with %s (minutes on a CPU).", path, CONFIG)
-    return pretrain(**recipe(out=str(path), model=model))
+def build_if_missing(path, model):
+    """Pretrain `model` into `path` with configs/pretrain_sandbox.yaml unless `path` exists."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return
+    log.warning("%s is missing: pretraining it now with %s (minutes on a CPU).", path, CONFIG.name)
+    pretrain(**recipe(out=str(path), model=model))
 
 
-@hydra.main(version_base="1.3", config_path="../../configs/sandbox", config_name="pretrain")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain_sandbox")
 def main(cfg: DictConfig):
     out = Path(cfg.out).expanduser()
     if out.is_file() and not cfg.force:
