@@ -2,30 +2,42 @@
 
 One iteration: class prompts through the (truncated) text tower, a few-shot image batch through the
 vision tower, logits = 100 * cosine, cross-entropy, optimizer and cosine-LR step. Training stops when
-the mean loss over a full pass of the few-shot set is below `stop_loss`, or at `max_iters`.
+the mean loss over a full pass of the few-shot set is below `stop_loss`, at `max_iters`, or at the
+first non-finite loss (results.json then records status "diverged").
 """
 import fcntl
 import logging
+import math
+import random
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.base import write_json_atomic
 from datasets.pipeline import TrainImages, test_loader
 from so.methods import load_trained, save_trained
-from so.optim import SO
 from so.model import class_embeddings, tokenize
+from so.optim import SO
+from so.runs import finite, write_json_atomic
 from so.tracking import start_run
 from so.updates import UpdateCounts
 
 log = logging.getLogger(__name__)
 
 LOGIT_SCALE = 100.0  # CLIP's learned temperature at the end of pretraining, fixed as in the paper
+
+
+def seed_everything(seed):
+    """Python's, numpy's and torch's global generators, as every trial starts."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def resolve_device(device):
@@ -138,9 +150,19 @@ def train_step(model, prompts, images, labels, optimizer, precision, device, tex
     return loss.detach()
 
 
+@dataclass
+class Outcome:
+    """How training ended."""
+    iterations: int = 0
+    stopped_early: bool = False
+    final_loss: float | None = None  # the mean loss of the last full pass
+    diverged_at: int | None = None  # the first iteration whose loss was not finite
+
+
 def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_counts=None):
-    """Run the loop; return (iterations, stopped_early, last full-pass mean loss). `update_counts`
-    (so.updates.UpdateCounts) counts what each SO step moved."""
+    """Run the loop until a full pass's mean loss is below stop_loss, max_iters, or a non-finite
+    loss; returns the Outcome. `update_counts` (so.updates.UpdateCounts) counts what each SO step
+    moved."""
     preprocess = model.visual.preprocess_cfg
     generator = torch.Generator().manual_seed(cfg.seed)
     images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
@@ -155,9 +177,10 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
         with torch.no_grad(), autocast(cfg.precision, device):
             fixed_text = prompts.embeddings(model)
 
-    iteration, stopped_early, pass_loss = 0, False, float("nan")
+    done = Outcome()
+    last = None  # (iteration, loss) of the latest step, checked one step later: no wait on the GPU
     bar = tqdm(total=cfg.max_iters, desc="train", leave=False)
-    while iteration < cfg.max_iters:
+    while done.iterations < cfg.max_iters and not (done.stopped_early or done.diverged_at):
         order = torch.randperm(len(train_x), generator=generator)
         loss_sum, seen = torch.zeros((), device=device), 0
         for batch in order.split(cfg.batch_size):
@@ -165,24 +188,35 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
             loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
                               device, None if text_trains else fixed_text, loss_fn)
             scheduler.step()
+            if last is not None and not torch.isfinite(last[1]):
+                done.diverged_at = last[0]
+                break
             if update_counts is not None:
                 update_counts.update()
+            last = (done.iterations + 1, loss)
             loss_sum += loss * len(batch)
             seen += len(batch)
-            iteration += 1
+            done.iterations += 1
             bar.update()
-            if iteration >= cfg.max_iters:
+            if done.iterations >= cfg.max_iters:
                 break
-        if seen == len(train_x):  # a full pass: the early-stop rule reads its mean loss
+        if not done.diverged_at and seen == len(train_x):  # a full pass: the early-stop rule reads its mean
             pass_loss = float(loss_sum) / seen
-            bar.set_postfix(loss=f"{pass_loss:.4f}")
-            if wandb_run is not None:
-                wandb_run.log({"train/loss": pass_loss, "lr": scheduler.get_last_lr()[0]}, step=iteration)
-            if pass_loss < cfg.stop_loss:
-                stopped_early = True
-                break
+            if math.isfinite(pass_loss):
+                done.final_loss = pass_loss
+                bar.set_postfix(loss=f"{pass_loss:.4f}")
+                if wandb_run is not None:
+                    wandb_run.log({"train/loss": pass_loss, "lr": scheduler.get_last_lr()[0]},
+                                  step=done.iterations)
+                done.stopped_early = pass_loss < cfg.stop_loss
     bar.close()
-    return iteration, stopped_early, pass_loss
+    if not done.diverged_at and last is not None and not torch.isfinite(last[1]):
+        done.diverged_at = last[0]
+    if done.diverged_at:
+        log.warning("DIVERGED: the loss of iteration %d is not finite (lr %.3g at the start). Training "
+                    "stops here; results.json records status \"diverged\" and no accuracy.",
+                    done.diverged_at, scheduler.base_lrs[0])
+    return done
 
 
 def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, run_dir):
@@ -199,7 +233,7 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
 
     zeroshot_top1 = evaluate(model, prompts, loader, cfg.precision, device, "zero-shot eval")
     log.info("zero-shot top-1: %.2f", zeroshot_top1)
-    iterations, stopped_early, final_loss, seconds = 0, False, None, 0.0
+    done, seconds = Outcome(), 0.0
     if cfg.eval_only:
         load_trained(method, model, checkpoint)
     elif method.optimizer is not None:
@@ -209,15 +243,17 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
         elif cfg.count_updates:
             log.warning("count_updates=true ignored: method %s does not train with SO.", method.name)
         start = time.perf_counter()
-        iterations, stopped_early, final_loss = train(cfg, model, prompts, method, dataset.train_x, device,
-                                                      wandb_run, counts)
+        done = train(cfg, model, prompts, method, dataset.train_x, device, wandb_run, counts)
         seconds = time.perf_counter() - start
-        if cfg.save:
+        if cfg.save and not done.diverged_at:
             save_trained(method, model, checkpoint)
         if counts is not None:
             counts.save(run_dir / "update_counts.pt")
-    top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
-    log.info("final top-1: %.2f (%d iterations%s)", top1, iterations, ", stopped early" if stopped_early else "")
+    top1 = None
+    if not done.diverged_at:
+        top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
+        log.info("final top-1: %.2f (%d iterations%s)", top1, done.iterations,
+                 ", stopped early" if done.stopped_early else "")
 
     results = {
         "dataset": dataset.name,
@@ -225,19 +261,21 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
         "seed": cfg.seed,
         "method": method.name,
         "name": cfg.name,
+        "status": "diverged" if done.diverged_at else "finished",
+        "diverged_at": done.diverged_at,
         "zeroshot_top1": zeroshot_top1,
         "top1": top1,
-        "iterations": iterations,
-        "stopped_early": stopped_early,
-        "final_loss": final_loss,
+        "iterations": done.iterations,
+        "stopped_early": done.stopped_early,
+        "final_loss": done.final_loss,
         "train_seconds": seconds,
         "trainable_params": method.trainable_params,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "device": str(device),
         "config": config,
     }
-    write_json_atomic(run_dir / "results.json", results, indent=2)  # atomic: no partial results.json
+    write_json_atomic(run_dir / "results.json", results, indent=2)  # atomic, strict JSON
     if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in results.items() if k != "config"})
+        wandb_run.summary.update({k: v for k, v in finite(results).items() if k != "config"})
         wandb_run.finish()
     return results

@@ -9,11 +9,12 @@ the DATASETS.md section that explains the expected layout.
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from so.runs import write_json_atomic
 
 TEMPLATES = ("photo", "clip")
 PHOTO_TEMPLATE = "a photo of a {}."
@@ -56,24 +57,6 @@ def read_json(path, what, section):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {path} is not valid JSON ({e}); download it again ({datasets_md(section)})") from None
-
-
-def write_atomic(path, data):
-    """Write bytes via a temporary file and a rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path, obj, indent=None):
-    write_atomic(path, json.dumps(obj, indent=indent).encode("utf-8"))
 
 
 def read_split_json(path, image_dir, dataset_dir, name):

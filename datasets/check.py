@@ -9,9 +9,10 @@ usage error.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from . import BENCHMARKS
-from .base import missing_images
+from .base import datasets_md, missing_images
 
 
 
@@ -37,6 +38,10 @@ def main(argv=None):
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of {', '.join(BENCHMARKS)}")
+    if not Path(args.root).expanduser().is_dir():
+        print(f"MISSING  data root {args.root} is not a folder; pass the folder that holds the dataset "
+              f"folders ({datasets_md('layout')})")
+        return 1
     usable = []
     for name in args.names or BENCHMARKS:
         ok, report = check(name, args.root)

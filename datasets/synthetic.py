@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import Benchmark, write_atomic, write_json_atomic
+from so.runs import write_atomic, write_json_atomic
+
+from .base import Benchmark
 
 COLORS = {"red": (215, 40, 40), "orange": (245, 140, 25), "yellow": (240, 215, 40), "green": (40, 165, 60),
           "cyan": (40, 200, 215), "blue": (40, 70, 215), "purple": (140, 55, 190), "pink": (245, 125, 185)}

@@ -10,6 +10,8 @@ Writes to OUT_FOLDER:
   Zero-shot trials (method zeroshot) train nothing: they fill the zeroshot row of every shot table.
 - summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds).
 - accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
+- diverged.txt: trials whose training diverged (status "diverged" in results.json), left out of every
+  mean and listed here.
 - missing.txt: trials of the expected grid (every row x dataset x shots x seed seen, zero-shot once per
   dataset) without a results.json, one per line as Hydra overrides; duplicates.txt: results.json files
   that repeat a trial (same name, dataset, method, shots, seed); the first path in sorted order is used.
@@ -45,8 +47,9 @@ def load(folder):
         missing = [k for k in KEY + ["top1"] if k not in res]
         if missing:
             raise SystemExit(f"aggregate.py: {path} lacks {', '.join(missing)} (expected a results.json of main.py)")
-        rows.append({**{k: res[k] for k in KEY + ["top1"]}, "path": str(path)})
-    return pd.DataFrame(rows)
+        rows.append({**{k: res[k] for k in KEY + ["top1"]}, "status": res.get("status", "finished"),
+                     "path": str(path)})
+    return pd.DataFrame(rows).astype({"name": str})
 
 
 def label_rows(df):
@@ -80,7 +83,7 @@ def missing_trials(df):
     zs_have = df.loc[df["method"] == ZEROSHOT, ["name", "dataset"]].drop_duplicates()
     zs_lost = zs_grid.merge(zs_have, how="left", on=["name", "dataset"], indicator=True).query("_merge == 'left_only'")
     both = pd.concat([zs_lost, lost])
-    return [f"name={r.name} dataset={r.dataset} method={r.method} shots={r.shots} seed={r.seed}"
+    return [f"name={r.name} dataset={r.dataset} method={r.method} shots={int(r.shots)} seed={int(r.seed)}"
             for r in both.itertuples()]
 
 
@@ -164,6 +167,12 @@ def main(argv):
     df = load(folder)
     repeated = df[df.duplicated(KEY, keep=False)]
     df = df.drop_duplicates(KEY).assign(row=lambda d: label_rows(d))
+    missing = missing_trials(df)  # a diverged trial is done: re-running the sweep skips it
+    diverged = df[df["status"] == "diverged"]
+    (out / "diverged.txt").write_text("".join(p + "\n" for p in diverged["path"]))
+    df = df[df["status"] != "diverged"]
+    if df.empty:
+        raise SystemExit(f"aggregate.py: every trial under {folder} diverged (diverged.txt)")
     seen = set(df["dataset"])
     datasets = [d for d in PAPER_ORDER if d in seen] + sorted(seen - set(PAPER_ORDER))
 
@@ -176,13 +185,14 @@ def main(argv):
         markdown.append(f"## {shots}-shot\n\n{table.to_markdown()}\n")
     (out / "tables.md").write_text("\n".join(markdown))
     plot(summary, datasets, out / "accuracy_vs_shots.png")
-    missing = missing_trials(df)
     (out / "missing.txt").write_text("".join(line + "\n" for line in missing))
     (out / "duplicates.txt").write_text("".join(p + "\n" for p in repeated["path"]))
 
     print("\n".join(markdown))
     print(f"{len(df)} trials, {len(missing)} missing (missing.txt), {len(repeated)} files in duplicated trials "
           f"(duplicates.txt). Re-running the sweep script launches only the missing trials.")
+    if len(diverged):
+        print(f"{len(diverged)} diverged trials are left out of every mean (diverged.txt).")
     print(f"Wrote tables.md, table_<K>shot.csv, summary.csv, accuracy_vs_shots.png to {out}")
 
 

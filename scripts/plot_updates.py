@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from main import seed_everything  # noqa: E402
+from train import seed_everything  # noqa: E402
 from so.model import build_clip  # noqa: E402
 
 BLOCK = re.compile(r"^(?P<tower>.+)\.resblocks\.(?P<block>\d+)\.(?P<weight>.+)$")

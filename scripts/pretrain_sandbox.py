@@ -8,7 +8,6 @@ with a JSON record of the run beside it. Settings: configs/pretrain_sandbox.yaml
 `build_if_missing` for a model config with pretrain_if_missing (model=tiny_pretrained).
 """
 import inspect
-import io
 import logging
 import math
 import sys
@@ -23,9 +22,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout: datasets/ and so/ beside scripts/
-from datasets.base import write_atomic, write_json_atomic  # noqa: E402
 from datasets.synthetic import pretraining_batch  # noqa: E402
 from so.model import build_clip, encode_text, tokenize  # noqa: E402
+from so.runs import save_atomic, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 CONFIG = ROOT / "configs" / "pretrain_sandbox.yaml"
@@ -44,9 +43,7 @@ def pretrain(out, model, seed, steps, batch_size, lr, warmup, weight_decay, thre
     finally:
         torch.set_num_threads(threads_before)
     out = Path(out).expanduser()
-    buffer = io.BytesIO()
-    torch.save(clip.state_dict(), buffer)
-    write_atomic(out, buffer.getvalue())  # readers never see a partial checkpoint
+    save_atomic(clip.state_dict(), out)  # readers never see a partial checkpoint
     write_json_atomic(out.with_suffix(".json"), record, indent=2)
     log.info("Saved %s (final loss %.3f, %.0f s)", out, record["final_loss"], record["seconds"])
     return record

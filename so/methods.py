@@ -8,12 +8,14 @@
 The harness runs the loop: loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True).
 """
 import inspect
+import pickle
 from dataclasses import dataclass
 
 import torch
 
 from so.lora import add_adapters
 from so.optim import SO, step_in_backward
+from so.runs import save_atomic
 
 TOWERS = {"text": ["transformer"], "vision": ["visual.transformer"],
           "both": ["visual.transformer", "transformer"]}
@@ -145,7 +147,7 @@ def save_trained(method, model, path):
     """Write only what the method trained (trainable tensors or adapter weights) to one file."""
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().cpu() for n in method.trainable}
-    torch.save({"method": method.name, "tensors": tensors}, path)
+    save_atomic({"method": method.name, "tensors": tensors}, path)
 
 
 def load_trained(method, model, path):
@@ -154,6 +156,9 @@ def load_trained(method, model, path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no trained weights here (run with save=true first).") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot be read ({str(e).splitlines()[0]}); train again with "
+                         "save=true force=true.") from None
     if not isinstance(saved, dict) or saved.keys() != {"method", "tensors"}:
         raise ValueError(f"{path}: not a file written by save_trained.")
     if saved["method"] != method.name:

@@ -1,88 +1,47 @@
 """Building CLIP with open_clip, and the exact truncated text encoder.
 
 `build_clip(name, pretrained)` returns (model, eval_transform, tokenizer). `pretrained` is an
-open_clip tag (e.g. "openai"), a local weights file (.safetensors, .bin, .pth, or OpenAI's TorchScript
-.pt), or None for random weights. Hub tags fail fast offline and point to the local-file option.
+open_clip tag (e.g. "openai"), a local weights file (OpenAI's TorchScript .pt, .safetensors, or a
+torch.save state dict), or None for random weights; so.weights reads it. Hub tags fail fast offline
+and point to the local-file option.
 """
 import logging
-import os
-import socket
+from contextlib import nullcontext
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.pretrained import get_pretrained_cfg
 
-log = logging.getLogger(__name__)
+from so.weights import load_into, read_state_dict, resolve
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")  # registers "so-tiny" and "so-sandbox"
 
-LOCAL_FILE_HINT = (
-    "Download the weights once on a machine with network and pass the file instead: "
-    "model.pretrained=/path/to/ViT-B-16.pt (OpenAI's TorchScript file) or "
-    "/path/to/open_clip_model.safetensors."
-)
 
-
-def build_clip(name, pretrained=None, device="cpu"):
-    """Create an open_clip CLIP model in fp32 with its eval transform and tokenizer."""
-    weights_only = True
-    if pretrained is not None:
-        pretrained = os.path.expanduser(str(pretrained))
-        if not os.path.isfile(pretrained):
-            pretrained = _resolve_tag(name, pretrained)
-    if pretrained is not None and pretrained.endswith(".pt"):
-        # OpenAI's original checkpoints are TorchScript archives, which torch.load can only open with
-        # weights_only=False (arbitrary unpickling): allowed for that file type alone.
-        log.warning("Loading %s with weights_only=False (OpenAI TorchScript checkpoint).", pretrained)
-        weights_only = False
-    model, _, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, weights_only=weights_only
-    )
+def build_clip(name, pretrained=None, device="cpu", allow_unsafe_pickle=False):
+    """Create an open_clip CLIP model in fp32 with its eval transform and tokenizer; weights from
+    `pretrained` (so.weights reads them), random when None."""
+    path, preprocess = (None, {}) if pretrained is None else resolve(name, pretrained)
+    with _WeightsLoadedHere() if path else nullcontext():
+        model, _, eval_transform = open_clip.create_model_and_transforms(name, device=device, **preprocess)
     if getattr(model, "text_pool_type", None) != "argmax" or not hasattr(model, "attn_mask"):
         raise ValueError(f"model.name={name}: expected a CLIP with a causal text tower pooled at EOT.")
+    if path is not None:
+        load_into(model, read_state_dict(path, allow_unsafe_pickle), path, name)
     return model, eval_transform, open_clip.get_tokenizer(name)
 
 
-def _resolve_tag(name, tag):
-    """Return the cached weights file of an open_clip tag, downloading it only when reachable."""
-    cfg = get_pretrained_cfg(name, tag)
-    if not cfg:
-        raise ValueError(
-            f"model.pretrained={tag!r} is neither a file nor an open_clip tag of {name} "
-            f"(tags: {open_clip.list_pretrained_tags_by_model(name)}). {LOCAL_FILE_HINT}"
-        )
-    cached = _cached_hub_file(cfg["hf_hub"])
-    if cached:
-        return cached
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        raise RuntimeError(
-            f"Cannot fetch the weights of {name} tag {tag!r}: they are not in the Hugging Face cache "
-            f"and the hub is unreachable (HF_HUB_OFFLINE=1). {LOCAL_FILE_HINT}"
-        )
-    return open_clip.download_pretrained(cfg)
+class _WeightsLoadedHere(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning while the weights are about to be loaded."""
 
+    def filter(self, record):
+        return not record.getMessage().startswith("No pretrained weights loaded")
 
-def _cached_hub_file(hf_hub):
-    from huggingface_hub import try_to_load_from_cache
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
 
-    repo_id, filename = os.path.split(hf_hub)
-    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for filename in names:
-        path = try_to_load_from_cache(repo_id, filename)
-        if isinstance(path, str):
-            return path
-    return None
-
-
-def _hub_reachable(timeout=3.0):
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
 
 
 def tokenize(tokenizer, prompts, device):

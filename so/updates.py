@@ -6,6 +6,8 @@ Opt-in (count_updates=true): one int32 counter per trainable weight, 4 bytes per
 """
 import torch
 
+from so.runs import save_atomic
+
 
 class UpdateCounts:
     def __init__(self, optimizer, names):
@@ -34,4 +36,4 @@ class UpdateCounts:
 
     def save(self, path):
         """{name: int32 counts shaped like the parameter} -> `path`."""
-        torch.save({self.names[p]: c.view(p.shape).cpu() for p, c in self.counts.items()}, path)
+        save_atomic({self.names[p]: c.view(p.shape).cpu() for p, c in self.counts.items()}, path)

@@ -12,11 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write(out, name, dataset, method, shots, seed, top1):
+def write(out, name, dataset, method, shots, seed, top1, **extra):
     path = out / name / dataset / method / f"{shots}shot" / f"seed{seed}" / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"name": name, "dataset": dataset, "method": method, "shots": shots,
-                                "seed": seed, "top1": top1, "zeroshot_top1": 1.0}))
+                                "seed": seed, "top1": top1, "zeroshot_top1": 1.0, **extra}))
     return path
 
 
@@ -63,7 +63,7 @@ def test_tables_have_rows_columns_means_and_stds(main_table, tmp_path):
     stdout = aggregate_cli(main_table, tmp_path / "agg")
     agg = tmp_path / "agg"
     assert sorted(p.name for p in agg.iterdir()) == [
-        "accuracy_vs_shots.png", "duplicates.txt", "missing.txt", "summary.csv", "table_1shot.csv",
+        "accuracy_vs_shots.png", "diverged.txt", "duplicates.txt", "missing.txt", "summary.csv", "table_1shot.csv",
         "table_2shot.csv", "tables.md"]
     one = pd.read_csv(agg / "table_1shot.csv", index_col="method", keep_default_na=False)
     assert list(one.index) == ["zeroshot", "adam", "so"]
@@ -98,6 +98,17 @@ def test_missing_and_duplicate_trials_are_listed(main_table, tmp_path, capsys):
     assert "2 missing" in stdout and "2 files in duplicated trials" in stdout
     one = pd.read_csv(tmp_path / "agg" / "table_1shot.csv", index_col="method", keep_default_na=False)
     assert one.loc["adam", "dtd"] == "44.00 ± 1.00" and one.loc["zeroshot"].tolist() == ["60.00", "", ""]
+
+
+def test_diverged_trials_are_listed_apart_and_left_out_of_the_means(main_table, tmp_path, capsys):
+    diverged = write(main_table, "main_table", "dtd", "so", 1, 2, None, status="diverged", diverged_at=7)
+    stdout = aggregate(capsys, main_table, tmp_path / "agg")
+    assert (tmp_path / "agg" / "diverged.txt").read_text().splitlines() == [str(diverged)]
+    assert "1 diverged trials are left out of every mean (diverged.txt)" in stdout
+    one = pd.read_csv(tmp_path / "agg" / "table_1shot.csv", index_col="method", keep_default_na=False)
+    assert one.loc["so", "dtd"] == "48.00 ± 1.41"  # seeds 1 and 3 alone: 47 and 49
+    missing = (tmp_path / "agg" / "missing.txt").read_text().splitlines()
+    assert missing == ["name=main_table dataset=eurosat method=so shots=2 seed=3"]  # a diverged trial is done
 
 
 def test_experiment_names_become_rows_without_their_shared_folder(tmp_path, capsys):

@@ -134,7 +134,7 @@ def test_a_missing_sandbox_checkpoint_is_built_once_and_build_clip_never_trains(
     original = pretrain.pretrain
     monkeypatch.setattr(pretrain, "pretrain", small)
     path = tmp_path / "sandbox" / "so-sandbox.bin"
-    with pytest.raises(ValueError, match="neither a file nor"):  # building a model never trains one
+    with pytest.raises(FileNotFoundError, match="neither a file nor"):  # building a model never trains one
         build_clip("so-sandbox", str(path))
     pretrain.build_if_missing(path, "so-sandbox")
     assert [(s["out"], s["model"], s["steps"]) for s in built] == [(str(path), "so-sandbox", 800)]

@@ -1,4 +1,6 @@
 """The harness's early-stop rule on the tiny model and the synthetic dataset."""
+import math
+
 import pytest
 import torch
 import yaml
@@ -38,26 +40,33 @@ def test_stops_after_the_first_full_pass_whose_mean_loss_is_below_stop_loss(data
     dataset = data(4)
     full_pass = -(-len(dataset.train_x) // 8)
     assert full_pass >= 2  # the rule must wait for the pass to end, not stop after one batch
-    assert run_train(dataset, 1e-4, max_iters=50, stop_loss=1e9)[:2] == (full_pass, True)
+    done = run_train(dataset, 1e-4, max_iters=50, stop_loss=1e9)
+    assert (done.iterations, done.stopped_early, done.diverged_at) == (full_pass, True, None)
 
 
 def test_runs_to_max_iters_when_the_loss_stays_above_stop_loss(data):
-    iterations, stopped_early, loss = run_train(data(4), 1e-4, max_iters=5, stop_loss=0.0)
-    assert (iterations, stopped_early) == (5, False) and loss > 0
+    done = run_train(data(4), 1e-4, max_iters=5, stop_loss=0.0)
+    assert (done.iterations, done.stopped_early) == (5, False) and done.final_loss > 0
 
 
 def test_stops_early_on_a_set_it_can_fit(data):
     dataset = data(1)  # one image per class, in one full batch
-    iterations, stopped_early, loss = run_train(dataset, 1e-3, max_iters=600, stop_loss=0.01,
-                                                batch_size=len(dataset.train_x))
-    assert stopped_early and loss < 0.01 and iterations < 600
+    done = run_train(dataset, 1e-3, max_iters=600, stop_loss=0.01, batch_size=len(dataset.train_x))
+    assert done.stopped_early and done.final_loss < 0.01 and done.iterations < 600
 
 
 def test_grad_checkpointing_keeps_the_loss_trajectory(data):
     """SO steps inside backward while checkpointed blocks recompute: same numbers as without."""
     plain, checkpointed = (run_train(data(4), 1e-3, "so", flag, max_iters=8, stop_loss=0.0) for flag in (False, True))
-    assert plain[0] == checkpointed[0] == 8
-    assert abs(plain[2] - checkpointed[2]) < 1e-5 * abs(plain[2])
+    assert plain.iterations == checkpointed.iterations == 8
+    assert abs(plain.final_loss - checkpointed.final_loss) < 1e-5 * abs(plain.final_loss)
+
+
+@pytest.mark.parametrize("method", ["so", "adam"])
+def test_a_non_finite_loss_stops_training_at_once(data, method):
+    done = run_train(data(4), 1e30, method, max_iters=40, stop_loss=0.0)
+    assert done.diverged_at is not None and done.iterations == done.diverged_at < 40
+    assert done.final_loss is None or math.isfinite(done.final_loss)
 
 
 def test_compile_rejects_an_unknown_mode():
@@ -81,8 +90,8 @@ def test_compiled_step_keeps_the_loss_trajectory(data, monkeypatch, backend):
         eager, compiled = (run_train(data(4), 1e-3, "so", max_iters=4, stop_loss=0.0, compile=mode)
                            for mode in ("none", "default"))
         assert torch._dynamo.config.suppress_errors
-    assert eager[0] == compiled[0] == 4
-    assert abs(eager[2] - compiled[2]) < 1e-5 * abs(eager[2])
+    assert eager.iterations == compiled.iterations == 4
+    assert abs(eager.final_loss - compiled.final_loss) < 1e-5 * abs(eager.final_loss)
 
 
 def test_claim_gpu_takes_one_no_other_trial_holds(monkeypatch, tmp_path):

@@ -1,0 +1,100 @@
+"""Run folders (so.runs): atomic writes, strict JSON, permissions, trial identity, the run lock."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from so import runs
+
+CONFIG = {"name": "demo", "shots": 4, "seed": 1, "max_iters": 60,
+          "method": {"name": "so", "optimizer": {"lr": 2e-4, "density": 5e-4}},
+          "dataset": {"name": "dtd", "root": "/data"}, "paths": {"out_root": "outputs"}, "num_workers": 8,
+          "force": False}
+
+
+class DiskFull:
+    """A file object that takes half of what it is given, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+
+def test_an_interrupted_save_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "trained.pt"
+    runs.save_atomic({"w": torch.ones(3)}, path)
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: DiskFull(fdopen(*a, **k)))
+    with pytest.raises(OSError, match="No space left"):
+        runs.save_atomic({"w": torch.zeros(100_000)}, path)
+    with pytest.raises(OSError, match="No space left"):
+        runs.save_atomic({"w": torch.zeros(3)}, tmp_path / "new.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained.pt"]  # no partial file, no .tmp
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_files_get_the_umask_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    runs.write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~runs._UMASK
+
+
+def test_json_is_strict_with_null_for_non_finite_numbers(tmp_path):
+    runs.write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "curve": [1.0, float("inf")],
+                                                 "nested": {"x": -float("inf")}, "ok": 2.5})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "loss": None, "curve": [1.0, None], "nested": {"x": None}, "ok": 2.5}
+
+
+def test_identity_ignores_where_and_how_fast_and_names_what_differs(tmp_path):
+    runs.write_json_atomic(tmp_path / "results.json", {"config": CONFIG})
+    moved = json.loads(json.dumps(CONFIG))
+    moved["paths"]["out_root"], moved["dataset"]["root"], moved["num_workers"] = "elsewhere", "/mnt", 2
+    assert runs.check_finished(tmp_path, moved)
+    other = json.loads(json.dumps(CONFIG))
+    other["method"]["optimizer"]["density"], other["max_iters"] = 5e-5, 100
+    other["model"] = {"name": "ViT-B-16-quickgelu"}
+    with pytest.raises(runs.TrialMismatch) as error:
+        runs.check_finished(tmp_path, other)
+    message = str(error.value)
+    assert "max_iters: 60 there, 100 now" in message and "method.optimizer.density: 0.0005 there, 5e-05 now" in message
+    assert "model.name: '<absent>' there, 'ViT-B-16-quickgelu' now" in message and "force=true" in message
+    assert not runs.check_finished(tmp_path / "empty", CONFIG)
+
+
+def _holder(run_dir):
+    code = ("import sys, time; from so.runs import RunLock\n"
+            "with RunLock(sys.argv[1]) as held:\n    print(held, flush=True)\n    time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.stdout.readline().strip() == "True"
+    return proc
+
+
+def test_a_held_lock_is_refused_and_a_killed_holder_does_not_block(tmp_path):
+    holder = _holder(tmp_path)
+    lock = runs.RunLock(tmp_path)
+    with lock as held:
+        assert held is False and lock.holder().startswith(f"pid {holder.pid} on ")
+    holder.send_signal(signal.SIGKILL)  # a trial killed mid-run: its lock file stays behind
+    holder.wait()
+    assert (tmp_path / ".lock").exists()
+    with runs.RunLock(tmp_path) as held:
+        assert held is True
+    with runs.RunLock(tmp_path) as held:  # and released again on exit
+        assert held is True
