@@ -44,15 +44,20 @@ def checked_config(cfg):
     with open_dict(cfg):
         cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
     for key, low in (("shots", 1), ("max_iters", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                     ("num_workers", 0)):
+                     ("num_workers", 0), ("iters_per_shot", 1)):
         value = cfg[key]
-        if type(value) is not int or value < low:
+        if (type(value) is not int or value < low) and not (key == "iters_per_shot" and value is None):
             raise ValueError(f"{key}={value!r}: expected an integer >= {low}.")
     if type(cfg.seed) is not int:
         raise ValueError(f"seed={cfg.seed!r}: expected an integer.")
-    if not isinstance(cfg.stop_loss, (int, float)) or isinstance(cfg.stop_loss, bool) \
-            or not math.isfinite(cfg.stop_loss) or cfg.stop_loss < 0:
-        raise ValueError(f"stop_loss={cfg.stop_loss!r}: expected a number >= 0.")
+    stop = cfg.stop_loss
+    if stop is not None and (not isinstance(stop, (int, float)) or isinstance(stop, bool)
+                             or not math.isfinite(stop) or stop < 0):
+        raise ValueError(f"stop_loss={stop!r}: expected a number >= 0, or null for no early stop.")
+    for key, choices in (("tf32", (True, False)),
+                         ("crop_from_original", (True, False))):
+        if cfg[key] not in choices or type(cfg[key]) is not type(choices[0]):
+            raise ValueError(f"{key}={cfg[key]!r}: expected one of {', '.join(map(str, choices))}.")
     if cfg.dataset.root is None:
         raise ValueError("paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
@@ -122,10 +127,13 @@ def build(cfg, config):
     from so.model import build_clip
 
     train.seed_everything(cfg.seed)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    train.set_tf32(cfg.tf32)
     device = train.resolve_device(cfg.device)
+    train.resolve_precision(cfg.precision, device)  # a wrong value fails here, named
+    options = {k: v for k, v in config["dataset"].items() if k not in ("name", "root", "templates", "generated")}
     dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
-                            Path(cfg.paths.cache_dir).expanduser(), templates=cfg.dataset.templates)
+                            Path(cfg.paths.cache_dir).expanduser(), templates=cfg.dataset.templates,
+                            sampler=cfg.fewshot_sampler, **options)
     if cfg.model.pretrain_if_missing:  # model=tiny_pretrained: the sandbox model, built once
         build_if_missing(cfg.model.pretrained, cfg.model.name)
     model, eval_transform, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, device=device,

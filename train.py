@@ -2,8 +2,9 @@
 
 One iteration: class prompts through the (truncated) text tower, a few-shot image batch through the
 vision tower, logits = 100 * cosine, cross-entropy, optimizer and cosine-LR step. Training stops when
-the mean loss over a full pass of the few-shot set is below `stop_loss`, at `max_iters`, or at the
-first non-finite loss (results.json then records status "diverged").
+the mean loss over a full pass of the few-shot set is below `stop_loss` (null: never), at the budget
+(`max_iters`, or `iters_per_shot` x shots), or at the first non-finite loss (results.json then records
+status "diverged").
 """
 import fcntl
 import logging
@@ -75,15 +76,42 @@ def claim_gpu(poll_seconds=10):
     return next(iter(_claimed))
 
 
-def autocast(precision, device):
-    """bf16 autocast over fp32 master weights, or plain fp32 (main.py allows TF32 matmuls)."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision, device):
+    """auto: bf16 on CUDA, fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision, device):
+    """bf16 or fp16 autocast over fp32 master weights, or plain fp32."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
-    raise ValueError(f"precision={precision!r}: expected auto, bf16 or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def set_tf32(enabled):
+    """TF32 matmuls on GPUs that have them, or full fp32 ones (torch's default, and the released
+    code's). cuDNN convolutions (CLIP's patch embedding) keep torch's default, TF32 allowed."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+def budget(cfg):
+    """The most training iterations: iters_per_shot x shots when set (the released code's rule),
+    else max_iters."""
+    return cfg.iters_per_shot * cfg.shots if cfg.iters_per_shot else cfg.max_iters
+
+
+def schedule(optimizer, cfg):
+    """The cosine learning rate over the whole budget, down to 1e-6 (the released code's and CLIP-LoRA's)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, budget(cfg), eta_min=1e-6)
 
 
 class Prompts:
@@ -139,15 +167,32 @@ def compile_loss(mode):
 
 
 def train_step(model, prompts, images, labels, optimizer, precision, device, text=None,
-               loss_fn=forward_loss):
+               loss_fn=forward_loss, scaler=None):
     """One iteration; `text` holds fixed class embeddings when the text tower does not train;
-    `loss_fn`: forward_loss or compile_loss's version of it."""
+    `loss_fn`: forward_loss or compile_loss's version of it; `scaler`: fp16's GradScaler."""
     with autocast(precision, device):
         loss = loss_fn(model, prompts, images, labels, text)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def grad_scaler(precision, device, optimizer):
+    """fp16 needs a GradScaler (as CLIP-LoRA uses); it unscales .grad after backward, so it cannot
+    follow SO reading the gradients inside backward."""
+    if resolve_precision(precision, device) != "fp16":
+        return None
+    if isinstance(optimizer, SO) and optimizer.reads_in_backward:
+        raise ValueError("precision=fp16 steps through a GradScaler, which unscales the gradients after "
+                         "backward; SO reads them inside backward (method.step_in_backward=true). Use "
+                         "precision=bf16 or fp32, or method.step_in_backward=false.")
+    return torch.amp.GradScaler(device.type)
 
 
 @dataclass
@@ -166,11 +211,13 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     preprocess = model.visual.preprocess_cfg
     generator = torch.Generator().manual_seed(cfg.seed)
     images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
-                         generator=generator)
+                         generator=generator, crop_from_original=cfg.crop_from_original)
     labels = torch.tensor([r.label for r in train_x], device=device)
     optimizer = method.optimizer
     loss_fn = compile_loss(cfg.compile)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.max_iters, eta_min=1e-6)
+    total = budget(cfg)
+    scheduler = schedule(optimizer, cfg)
+    scaler = grad_scaler(cfg.precision, device, optimizer)
     text_trains = any(not name.startswith("visual.") for name in method.trainable)
     model.train()
     if not text_trains:
@@ -179,14 +226,14 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
 
     done = Outcome()
     last = None  # (iteration, loss) of the latest step, checked one step later: no wait on the GPU
-    bar = tqdm(total=cfg.max_iters, desc="train", leave=False)
-    while done.iterations < cfg.max_iters and not (done.stopped_early or done.diverged_at):
+    bar = tqdm(total=total, desc="train", leave=False)
+    while done.iterations < total and not (done.stopped_early or done.diverged_at):
         order = torch.randperm(len(train_x), generator=generator)
         loss_sum, seen = torch.zeros((), device=device), 0
         for batch in order.split(cfg.batch_size):
             batch = batch.to(device)
             loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
-                              device, None if text_trains else fixed_text, loss_fn)
+                              device, None if text_trains else fixed_text, loss_fn, scaler)
             scheduler.step()
             if last is not None and not torch.isfinite(last[1]):
                 done.diverged_at = last[0]
@@ -198,7 +245,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
             seen += len(batch)
             done.iterations += 1
             bar.update()
-            if done.iterations >= cfg.max_iters:
+            if done.iterations >= total:
                 break
         if not done.diverged_at and seen == len(train_x):  # a full pass: the early-stop rule reads its mean
             pass_loss = float(loss_sum) / seen
@@ -208,7 +255,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
                 if wandb_run is not None:
                     wandb_run.log({"train/loss": pass_loss, "lr": scheduler.get_last_lr()[0]},
                                   step=done.iterations)
-                done.stopped_early = pass_loss < cfg.stop_loss
+                done.stopped_early = cfg.stop_loss is not None and pass_loss < cfg.stop_loss
     bar.close()
     if not done.diverged_at and last is not None and not torch.isfinite(last[1]):
         done.diverged_at = last[0]

@@ -27,12 +27,13 @@ SANDBOX_TASKS = {b.name: b for b in (Synthetic, SyntheticCompositions, Synthetic
 LOADERS = BENCHMARKS | SANDBOX_TASKS
 
 
-def build_dataset(name, root, shots, seed, cache_dir, templates="photo"):
+def build_dataset(name, root, shots, seed, cache_dir, templates="photo", sampler="coop", **options):
     """The few-shot dataset `name` read from `root` (the data root; for synthetic, the folder it is
-    generated in), with its k-shot subset for `seed` cached under `cache_dir`."""
+    generated in), with its k-shot subset for `seed` drawn by `sampler` and cached under
+    `cache_dir`; `options` go to the benchmark's loader (ImageNet: classnames)."""
     if name not in LOADERS:
         raise ValueError(f"unknown dataset.name {name!r}; expected one of {', '.join(LOADERS)}")
-    return FewShotDataset(LOADERS[name](root), shots, seed, cache_dir, templates)
+    return FewShotDataset(LOADERS[name](root, **options), shots, seed, cache_dir, templates, sampler)
 
 
 __all__ = ["BENCHMARKS", "LOADERS", "SANDBOX_TASKS", "Benchmark", "FewShotDataset", "Record", "build_dataset"]

@@ -89,6 +89,7 @@ class Benchmark:
     image_dir = "images"  # relative to the dataset folder; split paths are relative to it
     split_file = ""
     clip_template = PHOTO_TEMPLATE  # CoOp's per-dataset zero-shot template
+    val_from_train = False  # no val split: the released code draws the few-shot val from train
 
     def __init__(self, root):
         root = Path(os.path.normpath(Path(root).expanduser().absolute()))
@@ -143,35 +144,63 @@ def missing_images(records):
     return sorted({r.path for r in records if not os.path.isfile(r.path)})
 
 
-def sample_fewshot(records, shots, rng):
-    """CoOp's rule: classes in order of first appearance, `shots` images each without replacement,
-    with replacement when a class has fewer."""
-    by_label = defaultdict(list)
+def by_class(records):
+    """The records of each class, classes in order of first appearance, records in split order."""
+    classes = defaultdict(list)
     for r in records:
-        by_label[r.label].append(r)
-    subset = []
-    for items in by_label.values():
-        subset += rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots)
-    return subset
+        classes[r.label].append(r)
+    return classes.values()
+
+
+def draw(items, k, rng):
+    """k items without replacement, with replacement when there are fewer (CoOp's rule)."""
+    return rng.sample(items, k) if len(items) >= k else rng.choices(items, k=k)
+
+
+def sample_fewshot(records, shots, rng):
+    """`shots` records of each class, classes in order of first appearance."""
+    return [r for items in by_class(records) for r in draw(items, shots, rng)]
+
+
+SAMPLERS = ("coop", "released")
+
+
+def draw_subsets(splits, shots, seed, sampler, val_from_train):
+    """(train_x, val) from random.Random(seed), which draws what random.seed(seed) would.
+    coop: train first, then val (CoOp). released: what the released SO and CLIP-LoRA code draws
+    from the global `random` seeded with the seed: val first, then train; for a benchmark without
+    a val split (ImageNet), one draw of shots + min(shots, 4) per class, train the first shots."""
+    rng, k_val = random.Random(seed), min(shots, VAL_SHOTS)
+    if sampler == "coop":
+        return sample_fewshot(splits["train"], shots, rng), sample_fewshot(splits["val"], k_val, rng)
+    if not val_from_train:
+        val = sample_fewshot(splits["val"], k_val, rng)
+        return sample_fewshot(splits["train"], shots, rng), val
+    drawn = [draw(items, shots + k_val, rng) for items in by_class(splits["train"])]
+    return [r for d in drawn for r in d[:shots]], [r for d in drawn for r in d[shots:]]
 
 
 class FewShotDataset:
     """The few-shot view of one benchmark: `train_x` (k per class), `val` (min(k, 4) per class), `test`.
 
-    Subsets are drawn train first, then val, from one `random.Random(seed)` (CoOp's order and
-    algorithm), never from global RNG state, and cached in <cache_dir>/fewshot/<name>/."""
+    Subsets are drawn by `draw_subsets` with `sampler` (coop or released), from a generator of
+    their own, never from global RNG state, and cached in <cache_dir>/fewshot/<name>/."""
 
-    def __init__(self, benchmark, shots, seed, cache_dir, templates="photo"):
+    def __init__(self, benchmark, shots, seed, cache_dir, templates="photo", sampler="coop"):
         if type(shots) is not int or shots < 1:
             raise ValueError(f"shots must be a positive integer, got {shots!r}")
         if type(seed) is not int:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if templates not in TEMPLATES:
             raise ValueError(f"dataset.templates must be one of {', '.join(TEMPLATES)}, got {templates!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"fewshot_sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         splits, self.classnames = benchmark.read()
-        self.name, self.shots, self.seed = benchmark.name, shots, seed
+        self.name, self.shots, self.seed, self.sampler = benchmark.name, shots, seed, sampler
         self.templates = [PHOTO_TEMPLATE] if templates == "photo" else [benchmark.clip_template]
-        self.cache_file = Path(cache_dir).expanduser() / "fewshot" / self.name / f"shots{shots}_seed{seed}.json"
+        suffix = "" if sampler == "coop" else f"_{sampler}"
+        self.cache_file = (Path(cache_dir).expanduser() / "fewshot" / self.name
+                           / f"shots{shots}_seed{seed}{suffix}.json")
         self.train_x, self.val = self._subsets(benchmark, splits)
         self.test = splits["test"]
         missing = missing_images(self.train_x + self.val + self.test)
@@ -187,14 +216,15 @@ class FewShotDataset:
             if short:
                 warnings.warn(f"{self.name}: {len(short)} class(es) have fewer than {k} {split} images "
                               f"(e.g. {short[0]!r}); sampling them with replacement", stacklevel=3)
+        val_from_train = self.sampler == "released" and benchmark.val_from_train
+        pools = {"train": splits["train"], "val": splits["train" if val_from_train else "val"]}
         if self.cache_file.is_file():
             data = read_json(self.cache_file, f"{self.name}: few-shot cache", "few-shot-subsets")
-            return [self._from_cache(data, benchmark, splits[split], split) for split in wanted]
-        rng = random.Random(self.seed)
-        subsets = [sample_fewshot(splits[split], k, rng) for split, k in wanted.items()]
+            return [self._from_cache(data, benchmark, pools[split], split) for split in wanted]
+        subsets = draw_subsets(splits, self.shots, self.seed, self.sampler, val_from_train)
         entries = [[[Path(os.path.relpath(r.path, benchmark.dir)).as_posix(), r.label] for r in s] for s in subsets]
         write_json_atomic(self.cache_file, {"dataset": self.name, "shots": self.shots, "seed": self.seed,
-                                            "train": entries[0], "val": entries[1]})
+                                            "sampler": self.sampler, "train": entries[0], "val": entries[1]})
         return subsets
 
     def _from_cache(self, data, benchmark, pool, split):
@@ -203,6 +233,8 @@ class FewShotDataset:
                            f"({split} split); delete the cache file to draw the subset again "
                            f"({datasets_md('few-shot-subsets')})")
         expected = {"dataset": self.name, "shots": self.shots, "seed": self.seed}
+        if self.sampler != "coop":
+            expected["sampler"] = self.sampler
         if not isinstance(data, dict) or any(data.get(k) != v for k, v in expected.items()) \
                 or not isinstance(data.get(split), list):
             raise stale

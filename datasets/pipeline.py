@@ -38,11 +38,11 @@ def read_image(path):
         raise OSError(f"cannot read image {path}: {e} ({HINT})") from e
 
 
-def decode(path, max_side):
+def decode(path, max_side=None):
     """uint8 [3, H, W]; images whose shorter side exceeds `max_side` are reduced to it (PIL bicubic)."""
     image = read_image(path)
     w, h = image.size
-    if min(w, h) > max_side:
+    if max_side is not None and min(w, h) > max_side:
         s = max_side / min(w, h)
         image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
     return pil_to_tensor(image).contiguous()
@@ -85,11 +85,13 @@ class TrainImages:
     """The few-shot train images, decoded once; `batch(indices)` returns augmented [B, 3, S, S] floats
     on `device`. Labels are the caller's: records[i].label.
 
-    Images whose shorter side exceeds `max_side` (default 2*S, 448 for S=224) are reduced to it at
-    decode: crops of at least ~1/4 of the image are downscaled to S anyway, so only the smallest crops
-    of large images see fewer source pixels, and memory stays bounded (16 shots x 1000 classes fits)."""
+    Images whose shorter side exceeds 2*S (448 for S=224) are reduced to it at decode: crops of at
+    least ~1/4 of the image are downscaled to S anyway, so only the smallest crops of large images
+    see fewer source pixels, and memory stays bounded (16 shots x 1000 classes fits).
+    crop_from_original=True keeps every image as it is (the released code crops the original), at
+    the memory of the full-resolution images."""
 
-    def __init__(self, records, device, image_size, mean, std, generator=None, max_side=None):
+    def __init__(self, records, device, image_size, mean, std, generator=None, crop_from_original=False):
         if len(records) == 0:
             raise ValueError("TrainImages needs at least one record")
         self.size = square_size(image_size)
@@ -101,7 +103,7 @@ class TrainImages:
         if generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
         self.generator = generator
-        max_side = max_side or 2 * self.size
+        max_side = None if crop_from_original else 2 * self.size
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
             images = list(pool.map(lambda r: decode(r.path, max_side), records))
         self.heights = torch.tensor([im.shape[1] for im in images])

@@ -1,6 +1,8 @@
 """Aggregate every results.json under a folder into the paper's tables and plots.
 
-    python scripts/aggregate.py RESULTS_FOLDER [OUT_FOLDER]      (OUT_FOLDER defaults to RESULTS_FOLDER/aggregate)
+    python scripts/aggregate.py [--ci] RESULTS_FOLDER [OUT_FOLDER]   (OUT_FOLDER defaults to RESULTS_FOLDER/aggregate)
+
+--ci adds the 95% confidence interval of each mean over seeds (Student's t) to the table cells.
 
 Writes to OUT_FOLDER:
 - tables.md and table_<K>shot.csv: one table per shot count, rows = methods (or, when the folder holds
@@ -8,16 +10,22 @@ Writes to OUT_FOLDER:
   Average, cells "mean ± std" of top-1 over seeds (sample std, ddof=1; a single seed shows the mean only). Average is
   the mean over datasets per seed, then mean ± std over the seeds that have every dataset.
   Zero-shot trials (method zeroshot) train nothing: they fill the zeroshot row of every shot table.
-- summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds).
+- summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds, ci_low, ci_high).
+- paper.md and paper.csv: measured vs paper, per cell: the mean, the published figure of
+  scripts/paper_results.csv and their difference, or "no paper figure" (an Average over other datasets
+  than the 11 is not compared). Rows that are methods are held
+  to the paper's main tables, rows that are experiment names (outputs/ablations) to its ablation table.
 - accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
 - diverged.txt: trials whose training diverged (status "diverged" in results.json), left out of every
   mean and listed here.
 - missing.txt: trials of the expected grid (every row x dataset x shots x seed seen, zero-shot once per
   dataset) without a results.json, one per line as Hydra overrides; duplicates.txt: results.json files
   that repeat a trial (same name, dataset, method, shots, seed); the first path in sorted order is used.
-Two positional arguments need no parser, and a Hydra app would add its own output folders and logging.
+Two positional arguments and a flag need no parser, and a Hydra app would add its own output folders and
+logging.
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,6 +42,20 @@ from datasets import BENCHMARKS  # noqa: E402  (the paper's column order)
 PAPER_ORDER = list(BENCHMARKS)
 KEY = ["name", "dataset", "method", "shots", "seed"]
 ZEROSHOT = "zeroshot"
+PAPER = Path(__file__).with_name("paper_results.csv")  # the published figures, with their sources
+# Student's t at 0.975 for 1..30 degrees of freedom (standard tables); no scipy for 30 numbers.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def t975(dof):
+    """The two-sided 95% critical value of Student's t: the table, then the Cornish-Fisher expansion."""
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2) \
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
 
 
 def load(folder):
@@ -103,24 +125,58 @@ def summarize(scores, datasets):
     complete = per_seed.reindex(columns=datasets).dropna()
     average = complete.mean(axis=1).groupby(["shots", "row"]).agg(mean="mean", std="std", seeds="count")
     average = average.assign(dataset="Average").set_index("dataset", append=True)
-    return pd.concat([stats, average]).reset_index().sort_values(["shots", "row"], kind="stable", ignore_index=True)
+    out = pd.concat([stats, average]).reset_index().sort_values(["shots", "row"], kind="stable", ignore_index=True)
+    half = [t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan for n, sd in zip(out["seeds"], out["std"])]
+    return out.assign(ci_low=out["mean"] - half, ci_high=out["mean"] + half)
 
 
-def cell(r):
+def cell(r, ci=False):
     if pd.isna(r["mean"]):
         return ""
-    return f"{r['mean']:.2f}" if pd.isna(r["std"]) else f"{r['mean']:.2f} ± {r['std']:.2f}"
+    if pd.isna(r["std"]):
+        return f"{r['mean']:.2f}"
+    interval = f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if ci else ""
+    return f"{r['mean']:.2f} ± {r['std']:.2f}{interval}"
+
+
+def paper_figures(table):
+    """The published figures of one table ("main" or "ablation"): row, dataset, shots, paper, printed_as."""
+    ref = pd.read_csv(PAPER)
+    ref = ref[ref["table"] == table].assign(row=lambda d: d["rows"].str.split("|")).explode("row")
+    return ref.rename(columns={"top1": "paper"})[["row", "dataset", "shots", "paper", "printed_as", "source"]]
+
+
+def compare(summary, reference, datasets):
+    """measured vs paper per cell of summary: the paper's figure and the difference (NaN where none).
+    The paper averages the 11 benchmarks: an Average over fewer datasets is not compared."""
+    partial = set(datasets) != set(PAPER_ORDER)
+    if partial:
+        reference = reference[reference["dataset"] != "Average"]
+    merged = summary.merge(reference, how="left", on=["row", "dataset", "shots"])
+    merged = merged.assign(difference=merged["mean"] - merged["paper"])
+    return merged.assign(partial_average=partial & (merged["dataset"] == "Average"))
+
+
+def versus(r):
+    if pd.isna(r["mean"]):
+        return ""
+    if r["partial_average"]:
+        return f"{r['mean']:.2f} (not the paper's 11 datasets)"
+    if pd.isna(r["paper"]):
+        return f"{r['mean']:.2f} (no paper figure)"
+    return f"{r['mean']:.2f} vs {r['paper']:.1f} ({r['difference']:+.2f})"
 
 
 def row_order(rows):
     return sorted(rows, key=lambda r: (r != ZEROSHOT, r))
 
 
-def tables(summary, datasets, rows_are):
-    """{shots: DataFrame} of "mean ± std" strings, rows x (datasets + Average); rows_are names the index."""
+def tables(summary, datasets, rows_are, format_cell=cell):
+    """{shots: DataFrame} of format_cell's strings ("mean ± std"), rows x (datasets + Average); rows_are
+    names the index."""
     out = {}
     for shots, part in summary.groupby("shots"):
-        table = part.assign(cell=part.apply(cell, axis=1)).pivot(index="row", columns="dataset", values="cell")
+        table = part.assign(cell=part.apply(format_cell, axis=1)).pivot(index="row", columns="dataset", values="cell")
         table = table.reindex(index=row_order(table.index), columns=datasets + ["Average"]).fillna("")
         out[int(shots)] = table.rename_axis(index=rows_are, columns=None)
     return out
@@ -156,12 +212,14 @@ def plot(summary, datasets, path):
 
 
 def main(argv):
-    if len(argv) not in (2, 3) or argv[1] in ("-h", "--help"):
+    ci = "--ci" in argv[1:]
+    args = [a for a in argv[1:] if a != "--ci"]
+    if len(args) not in (1, 2) or any(a.startswith("-") for a in args):
         raise SystemExit(__doc__)
-    folder = Path(argv[1])
+    folder = Path(args[0])
     if not folder.is_dir():
         raise SystemExit(f"aggregate.py: results folder {folder} does not exist")
-    out = Path(argv[2]) if len(argv) == 3 else folder / "aggregate"
+    out = Path(args[1]) if len(args) == 2 else folder / "aggregate"
     out.mkdir(parents=True, exist_ok=True)
 
     df = load(folder)
@@ -180,20 +238,26 @@ def main(argv):
     summary.to_csv(out / "summary.csv", index=False)
     markdown = []
     rows_are = "method" if df["name"].nunique() == 1 else "name"
-    for shots, table in tables(summary, datasets, rows_are).items():
+    for shots, table in tables(summary, datasets, rows_are, lambda r: cell(r, ci)).items():
         table.to_csv(out / f"table_{shots}shot.csv")
         markdown.append(f"## {shots}-shot\n\n{table.to_markdown()}\n")
     (out / "tables.md").write_text("\n".join(markdown))
+    paper = "main" if rows_are == "method" else "ablation"
+    comparison = compare(summary, paper_figures(paper), datasets)
+    comparison.drop(columns=["std", "ci_low", "ci_high"]).to_csv(out / "paper.csv", index=False)
+    versus_md = [f"## {shots}-shot: measured vs paper ({paper} table)\n\n{table.to_markdown()}\n"
+                 for shots, table in tables(comparison, datasets, rows_are, versus).items()]
+    (out / "paper.md").write_text("\n".join(versus_md))
     plot(summary, datasets, out / "accuracy_vs_shots.png")
     (out / "missing.txt").write_text("".join(line + "\n" for line in missing))
     (out / "duplicates.txt").write_text("".join(p + "\n" for p in repeated["path"]))
 
-    print("\n".join(markdown))
+    print("\n".join(markdown + versus_md))
     print(f"{len(df)} trials, {len(missing)} missing (missing.txt), {len(repeated)} files in duplicated trials "
           f"(duplicates.txt). Re-running the sweep script launches only the missing trials.")
     if len(diverged):
         print(f"{len(diverged)} diverged trials are left out of every mean (diverged.txt).")
-    print(f"Wrote tables.md, table_<K>shot.csv, summary.csv, accuracy_vs_shots.png to {out}")
+    print(f"Wrote tables.md, table_<K>shot.csv, summary.csv, paper.md, paper.csv, accuracy_vs_shots.png to {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.pipeline import square_size  # noqa: E402
 from so.methods import build_method  # noqa: E402
 from so.model import build_clip  # noqa: E402
-from train import COMPILE_MODES, Prompts, autocast, compile_loss, train_step  # noqa: E402
+from train import COMPILE_MODES, Prompts, autocast, compile_loss, set_tf32, train_step  # noqa: E402
 
 MODELS = {"vit_b16": "ViT-B-16-quickgelu", "tiny": "so-tiny"}
 WORDS = ("red", "striped", "small", "aircraft", "garden", "wooden", "spotted", "river", "old", "cat")
@@ -98,7 +98,7 @@ def main():
                         help="torch.compile the forward and backward (compiled during warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls, as main.py sets for trials
+    set_tf32(True)  # as main.py sets for trials under the paper's protocol
     for method_name in args.methods.split(","):
         for classes in map(int, args.classes.split(",")):
             row = bench(method_name, classes, args.model, device, args.precision, args.batch_size,

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The paper's main table: every dataset x shots x seeds for each trained method, plus zero-shot CLIP
 # once per dataset (it trains nothing, so shots and seed do not change it; aggregate.py uses it for every
-# shot count). One Hydra multirun per group, results under outputs/main_table/ (NAME).
+# shot count). One Hydra multirun per group, results under outputs/NAME/. PROTOCOL picks the protocol
+# preset (configs/protocol/) and, with it, the default methods and NAME:
+#   paper         what the paper's text says: so lora adam zeroshot, NAME main_table
+#   official_so   the released SO code's runs: so_reference_cli zeroshot, NAME main_table_official_so
+#   clip_lora     CLIP-LoRA's runs, for the LoRA row: lora, NAME main_table_clip_lora
 #
 # Usage: scripts/main_table.sh [--dry-run] [--help] [HYDRA_OVERRIDE ...]
 #   --dry-run         list the trials, one per line on stdout (totals on stderr); launch nothing
@@ -9,28 +13,37 @@
 #                     hydra/launcher=parallel (NUM_GPUS=4), max_iters=500, model.pretrained=/path/ViT-B-16.pt
 # Environment (space-separated lists):
 #   DATA      data root holding the benchmark folders (DATASETS.md), or pass paths.data_root=...
+#   PROTOCOL  paper (default) | official_so | clip_lora
 #   DATASETS  default: the 11 benchmarks
-#   METHODS   default: "so lora adam zeroshot" (zeroshot: once per dataset, at the first SHOTS and SEEDS)
+#   METHODS   default: the PROTOCOL's (zeroshot: once per dataset, at the first SHOTS and SEEDS)
 #   SHOTS     default: "1 2 4 8 16"
 #   SEEDS     default: "1 2 3"
-#   NAME      experiment name, default: main_table
+#   NAME      experiment name, default: the PROTOCOL's
 #   PYTHON    interpreter, default: python
 source "$(dirname "$0")/_sweep.sh"
 
+PROTOCOL="${PROTOCOL:-paper}"
+declare -A PROTOCOL_METHODS=([paper]="so lora adam zeroshot" [official_so]="so_reference_cli zeroshot"
+                             [clip_lora]="lora")
+if [[ ! -v "PROTOCOL_METHODS[$PROTOCOL]" ]]; then
+  echo "main_table.sh: unknown PROTOCOL '$PROTOCOL' (expected one of: ${!PROTOCOL_METHODS[*]})" >&2
+  exit 2
+fi
 DATASETS="${DATASETS:-$BENCHMARKS}"
-METHODS="${METHODS:-so lora adam zeroshot}"
+METHODS="${METHODS:-${PROTOCOL_METHODS[$PROTOCOL]}}"
 SHOTS="${SHOTS:-1 2 4 8 16}"
 SEEDS="${SEEDS:-1 2 3}"
-NAME="${NAME:-main_table}"
+if [[ $PROTOCOL == paper ]]; then fixed=(); NAME="${NAME:-main_table}"
+else fixed=("protocol=$PROTOCOL"); NAME="${NAME:-main_table_$PROTOCOL}"; fi
 parse_args "$@"
 
 read -ra shot_list <<<"$SHOTS"; read -ra seeds <<<"$SEEDS"
 trained=()
 for method in $METHODS; do [[ $method == zeroshot ]] || trained+=("$method"); done
 if [[ " $METHODS " == *" zeroshot "* ]]; then
-  sweep "$NAME" "$DATASETS" zeroshot "${shot_list[0]}" "${seeds[0]}"
+  sweep "$NAME" "$DATASETS" zeroshot "${shot_list[0]}" "${seeds[0]}" "${fixed[@]}"
 fi
 if ((${#trained[@]})); then
-  sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS"
+  sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS" "${fixed[@]}"
 fi
 finish

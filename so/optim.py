@@ -57,6 +57,7 @@ class SO(Optimizer):
         self._drawn_ahead = {}  # param -> the step its support was drawn for, in backward
         self._group_of = {}  # id(param) -> its group, for the hooks
         self._warn_now = False  # add_param_group warns at once after __init__
+        self.reads_in_backward = False  # step_in_backward's hooks are on
         super().__init__(params, defaults)
         warn_tiny(self.param_groups)
         self._warn_now = True
@@ -88,6 +89,7 @@ class SO(Optimizer):
         for key in ("_batches", "_reads", "_drawn_ahead", "_group_of"):
             self.__dict__.setdefault(key, {})
         self.__dict__.setdefault("_warn_now", True)
+        self.__dict__.setdefault("reads_in_backward", False)
         super().__setstate__(state)
 
     def add_param_group(self, param_group):
@@ -369,13 +371,15 @@ def check_group(group, where):
 
 
 class _Handles:
-    def __init__(self, handles):
-        self.handles = handles
+    def __init__(self, optimizer, handles):
+        self.optimizer, self.handles = optimizer, handles
+        optimizer.reads_in_backward = True
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.optimizer.reads_in_backward = False
 
 
 def step_in_backward(model_or_params, optimizer):
@@ -390,6 +394,6 @@ def step_in_backward(model_or_params, optimizer):
     if isinstance(model_or_params, torch.nn.Module):
         model_or_params = model_or_params.parameters()
     wanted = {id(p) for p in model_or_params}
-    return _Handles([p.register_post_accumulate_grad_hook(optimizer.read_grad)
-                     for g in optimizer.param_groups for p in g["params"]
-                     if p.requires_grad and id(p) in wanted])
+    return _Handles(optimizer, [p.register_post_accumulate_grad_hook(optimizer.read_grad)
+                                for g in optimizer.param_groups for p in g["params"]
+                                if p.requires_grad and id(p) in wanted])

@@ -1,6 +1,7 @@
 """scripts/aggregate.py on results.json files written here: tables, numbers, missing and duplicate trials."""
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -63,8 +64,8 @@ def test_tables_have_rows_columns_means_and_stds(main_table, tmp_path):
     stdout = aggregate_cli(main_table, tmp_path / "agg")
     agg = tmp_path / "agg"
     assert sorted(p.name for p in agg.iterdir()) == [
-        "accuracy_vs_shots.png", "diverged.txt", "duplicates.txt", "missing.txt", "summary.csv", "table_1shot.csv",
-        "table_2shot.csv", "tables.md"]
+        "accuracy_vs_shots.png", "diverged.txt", "duplicates.txt", "missing.txt", "paper.csv", "paper.md",
+        "summary.csv", "table_1shot.csv", "table_2shot.csv", "tables.md"]
     one = pd.read_csv(agg / "table_1shot.csv", index_col="method", keep_default_na=False)
     assert list(one.index) == ["zeroshot", "adam", "so"]
     assert list(one.columns) == ["eurosat", "dtd", "Average"]  # the paper's dataset order
@@ -79,7 +80,7 @@ def test_tables_have_rows_columns_means_and_stds(main_table, tmp_path):
     assert (agg / "tables.md").read_text().count("| so ") == 2
 
     summary = pd.read_csv(agg / "summary.csv")
-    assert list(summary.columns) == ["shots", "row", "dataset", "mean", "std", "seeds"]
+    assert list(summary.columns) == ["shots", "row", "dataset", "mean", "std", "seeds", "ci_low", "ci_high"]
     assert len(summary) == 2 * 3 * 3  # shots x rows x (datasets + Average)
     so2 = summary.query("shots == 2 and row == 'so' and dataset == 'eurosat'").iloc[0]
     assert (so2["mean"], round(so2["std"], 4), so2["seeds"]) == (68.5, 0.7071, 2)
@@ -130,3 +131,89 @@ def test_bad_input_names_the_folder_or_file(tmp_path):
     bad.write_text(json.dumps({"dataset": "dtd", "top1": 1.0}))
     assert f"{bad} lacks name, method, shots, seed" in aggregate_error(tmp_path)
     assert "RESULTS_FOLDER [OUT_FOLDER]" in aggregate_error()
+
+
+def test_measured_vs_paper_gives_each_cell_its_difference_or_marks_it(tmp_path, capsys):
+    """4-shot so and lora on dtd and eurosat: the released README's figures (SO dtd 66.4, eurosat 87.7;
+    LoRA dtd 63.5, eurosat 85.2) beside the means, their differences; adam has no figure."""
+    out = tmp_path / "out"
+    for seed, noise in ((1, -0.5), (2, 0.5)):
+        for method, dtd, eurosat in (("so", 67.0, 86.0), ("lora", 60.0, 90.25), ("adam", 50.0, 70.0)):
+            write(out, "main_table", "dtd", method, 4, seed, dtd + noise)
+            write(out, "main_table", "eurosat", method, 4, seed, eurosat + noise)
+    stdout = aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset"])
+    assert paper.loc[("so", "dtd"), "paper"] == 66.4
+    assert paper.loc[("so", "dtd"), "difference"] == pytest.approx(0.6)
+    assert paper.loc[("lora", "eurosat"), "difference"] == pytest.approx(5.05)
+    assert paper.loc[("so", "Average")].isna()["paper"]  # over 2 datasets: not the README's 11-dataset average
+    assert paper.loc[("adam", "dtd")].isna()["paper"]
+    assert "67.00 vs 66.4 (+0.60)" in stdout and "86.00 vs 87.7 (-1.70)" in stdout
+    assert "60.00 vs 63.5 (-3.50)" in stdout and "90.25 vs 85.2 (+5.05)" in stdout
+    assert "50.00 (no paper figure)" in stdout and "76.50 (not the paper's 11 datasets)" in stdout
+    md = (out / "aggregate" / "paper.md").read_text()
+    assert md.startswith("## 4-shot: measured vs paper (main table)")
+
+
+def test_the_average_over_the_11_datasets_is_held_to_the_papers(tmp_path, capsys):
+    out = tmp_path / "out"
+    for i, dataset in enumerate(aggregate_module.PAPER_ORDER):
+        write(out, "main_table", dataset, "so", 4, 1, 70.0 + i)
+    stdout = aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset"])
+    assert paper.loc[("so", "Average"), "paper"] == 78.9
+    assert paper.loc[("so", "Average"), "difference"] == pytest.approx(75.0 - 78.9)
+    assert "75.00 vs 78.9 (-3.90)" in stdout
+
+
+def test_ablation_rows_are_held_to_the_ablation_table(tmp_path, capsys):
+    out = tmp_path / "out"
+    for variant, method, top1 in (("so", "so", 75.0), ("adam", "adam", 10.0), ("no_momentum", "so", 70.0)):
+        for dataset in aggregate_module.PAPER_ORDER:
+            write(out, f"ablations/{variant}", dataset, method, 1, 1, top1)
+    aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset"])
+    assert paper.loc[("so", "Average"), "paper"] == 74.6  # not the main table's 73.8
+    assert paper.loc[("adam", "Average"), "difference"] == pytest.approx(10.0 - 4.4)
+    assert paper.loc[("no_momentum", "Average"), "difference"] == pytest.approx(70.0 - 67.8)
+    assert paper.loc[("so", "dtd")].isna()["paper"]  # the ablation table gives averages only
+
+
+def test_paper_results_name_known_rows_datasets_and_sources():
+    ref = pd.read_csv(ROOT / "scripts" / "paper_results.csv")
+    assert set(ref["table"]) == {"main", "ablation"} and ref["source"].notna().all()
+    assert set(ref["dataset"]) <= set(aggregate_module.PAPER_ORDER) | {"Average"}
+    ablation_rows = set(ref.loc[ref["table"] == "ablation", "rows"])
+    script = (ROOT / "scripts" / "ablations.sh").read_text()
+    variants = script.split('ALL_VARIANTS="')[1].split('"')[0].split()
+    assert ablation_rows == set(variants)  # one published row per ablation variant
+    readme = ref[(ref["table"] == "main") & (ref["shots"] == 4) & ref["source"].str.contains("README")]
+    for rows, part in readme.groupby("rows"):  # the README's averages are the means of its 11 cells
+        cells = part[part["dataset"] != "Average"]
+        assert len(cells) == 11
+        assert part.loc[part["dataset"] == "Average", "top1"].item() == pytest.approx(cells["top1"].mean(), abs=0.05)
+
+
+def test_confidence_intervals_use_students_t(main_table, tmp_path, capsys):
+    """Three seeds with std 1: the 95% half-width is t(0.975, 2) / sqrt(3) = 4.303 / 1.732 = 2.48."""
+    aggregate(capsys, "--ci", main_table, tmp_path / "agg")
+    one = pd.read_csv(tmp_path / "agg" / "table_1shot.csv", index_col="method", keep_default_na=False)
+    assert one.loc["adam", "dtd"] == "44.00 ± 1.00 [41.52, 46.48]"
+    assert one.loc["zeroshot", "dtd"] == "40.00"  # one trial: no interval
+    summary = pd.read_csv(tmp_path / "agg" / "summary.csv")
+    row = summary[(summary["row"] == "adam") & (summary["dataset"] == "dtd") & (summary["shots"] == 1)].iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(41.5157, abs=1e-3), pytest.approx(46.4843, abs=1e-3))
+    plain = aggregate(capsys, main_table, tmp_path / "plain")
+    assert "[" not in pd.read_csv(tmp_path / "plain" / "table_1shot.csv", index_col="method").loc["adam", "dtd"]
+
+
+@pytest.mark.parametrize("dof", [1, 2, 3, 5, 10, 29, 30, 31, 45, 100])
+def test_t975_leaves_two_and_a_half_percent_in_each_tail(dof):
+    """The integral of Student's t density over [-t, t] is 0.95 (trapezoid rule on a fine grid)."""
+    import numpy as np
+
+    t = aggregate_module.t975(dof)
+    x = np.linspace(-t, t, 400001)
+    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    density = np.exp(log_c - (dof + 1) / 2 * np.log1p(x**2 / dof))
+    assert np.trapezoid(density, x) == pytest.approx(0.95, abs=2e-4)

@@ -110,14 +110,40 @@ def test_imagenet_flat_val(tmp_path):
 
 
 def test_imagenet_classnames_file(tmp_path):
+    """classnames_from=file reads classnames.txt and names a wnid it lacks; the default (CLIP's list)
+    needs no file."""
     write_benchmark(tmp_path, "imagenet")
     names = tmp_path / "imagenet" / "classnames.txt"
     names.write_text("\n".join(names.read_text().splitlines()[1:]))  # drops the first line's wnid
+    from_file = lambda: datasets.build_dataset("imagenet", tmp_path, 2, 1, tmp_path / "cache", classnames_from="file")
     with pytest.raises(ValueError, match=f"{names} has no name for 1 wnid\\(s\\), e.g. n01491361"):
-        build(tmp_path, "imagenet")
+        from_file()
     names.unlink()
     with pytest.raises(FileNotFoundError, match=f"{names} is missing.*DATASETS.md#imagenet"):
-        build(tmp_path, "imagenet")
+        from_file()
+    assert build(tmp_path, "imagenet").classnames == ["tench", "goldfish", "great white shark", "tiger shark"]
+    with pytest.raises(ValueError, match="dataset.classnames_from='wordnet': expected one of clip, file"):
+        datasets.build_dataset("imagenet", tmp_path, 2, 1, tmp_path / "cache", classnames_from="wordnet")
+
+
+def test_imagenet_wordnet_classnames_are_flagged(tmp_path):
+    """A WordNet-style classnames.txt (the names in circulation: "cock", "water ouzel", "kite") differs
+    from CLIP's list; the warning names its first differing lines, and the key picks the list used."""
+    write_benchmark(tmp_path, "imagenet")
+    names = tmp_path / "imagenet" / "classnames.txt"
+    names.write_text("n01491361 tiger shark\nn01440764 tench, Tinca tinca\nn01484850 great white shark\n"
+                     "n01443537 goldfish, Carassius auratus\n")
+    with pytest.warns(UserWarning) as caught:
+        clip = build(tmp_path, "imagenet")
+    message = str(caught[0].message)
+    assert f"{names} names 2 of 4 classes unlike CLIP's list" in message
+    assert message.index("line 2: n01440764 'tench, Tinca tinca' there, 'tench' in CLIP's list") \
+        < message.index("line 4: n01443537 'goldfish, Carassius auratus' there, 'goldfish' in CLIP's list")
+    assert "using the CLIP names" in message
+    assert clip.classnames == ["tench", "goldfish", "great white shark", "tiger shark"]
+    with pytest.warns(UserWarning, match="using the file names"):
+        ds = datasets.build_dataset("imagenet", tmp_path, 2, 1, tmp_path / "cache", classnames_from="file")
+    assert ds.classnames == ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark", "tiger shark"]
 
 
 def test_imagenet_val_wnids_must_match_train(tmp_path):

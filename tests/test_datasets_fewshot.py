@@ -96,3 +96,88 @@ def test_short_classes_are_sampled_with_replacement_and_warned(tmp_path, data):
 def test_bad_shots_or_seed(tmp_path, data, shots, seed, match):
     with pytest.raises(ValueError, match=match):
         datasets.build_dataset("dtd", data, shots, seed, tmp_path)
+
+
+def released_draw(train, val, shots, seed):
+    """The released SO code's draw, written from its description: Python's global `random` seeded with
+    the seed; val (min(k, 4) per class) before train (k per class); per class in order of first
+    appearance, random.sample, or random.choices when the class is short."""
+    random.seed(seed)
+
+    def per_class(items, k):
+        classes = {}
+        for item in items:
+            classes.setdefault(item[1], []).append(item)
+        out = []
+        for group in classes.values():
+            out += random.sample(group, k) if len(group) >= k else random.choices(group, k=k)
+        return out
+
+    val_subset = per_class(val, min(shots, 4))
+    return per_class(train, shots), val_subset
+
+
+def uneven_dtd(root):
+    """dtd with classes of 7, 3 and 5 train images and 2, 5 and 4 val images, interleaved so that
+    label 2 appears first; class 1 is short of train images at 4 shots, class 0 of val images."""
+    from tests.fixtures_datasets import jpeg
+
+    names, order = ("banded", "blotchy", "braided"), [2, 0, 0, 1, 2, 0, 2, 1, 0, 0, 2, 1, 0, 2, 0]
+    split, n = {"train": [], "val": [], "test": []}, 0
+    for part, labels in (("train", order), ("val", [1, 0, 2, 1, 2, 1, 0, 2, 1, 2, 1]), ("test", [0, 1, 2])):
+        for label in labels:
+            path = f"{names[label]}/{names[label]}_{n:04d}.jpg"
+            jpeg(root / "dtd" / "images" / path, label, n)
+            split[part].append([path, label, names[label]])
+            n += 1
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    return split
+
+
+@pytest.mark.filterwarnings("ignore:.*sampling them with replacement")
+@pytest.mark.parametrize("shots, seed", [(4, 3), (4, 1), (1, 3), (8, 2)])
+def test_released_sampler_draws_the_released_codes_images(tmp_path, shots, seed):
+    split = uneven_dtd(tmp_path / "data")
+    want_train, want_val = released_draw(split["train"], split["val"], shots, seed)
+    random.seed(999)
+    state = random.getstate()
+    ds = datasets.build_dataset("dtd", tmp_path / "data", shots, seed, tmp_path / "cache", sampler="released")
+    assert random.getstate() == state  # its own generator: the global one is untouched
+    images = tmp_path / "data" / "dtd" / "images"
+    assert [r.path for r in ds.train_x] == [str(images / p) for p, _, _ in want_train]
+    assert [r.path for r in ds.val] == [str(images / p) for p, _, _ in want_val]
+    assert [r.label for r in ds.train_x] == [y for _, y, _ in want_train]
+    assert [r.label for r in ds.train_x[:shots]] == [2] * shots  # first-appearance order, not label order
+    coop = datasets.build_dataset("dtd", tmp_path / "data", shots, seed, tmp_path / "cache")
+    assert subset(coop) != subset(ds)  # train first: other images for the same seed
+    again = datasets.build_dataset("dtd", tmp_path / "data", shots, seed, tmp_path / "cache", sampler="released")
+    assert subset(again) == subset(ds)  # from its own cache file
+    assert sorted(p.name for p in (tmp_path / "cache" / "fewshot" / "dtd").iterdir()) == [
+        f"shots{shots}_seed{seed}.json", f"shots{shots}_seed{seed}_released.json"]
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_released_sampler_on_imagenet_draws_train_and_val_in_one_sample(tmp_path, shots):
+    """ImageNet (no val split): per class of the sorted wnid folders, one random.sample of
+    k + min(k, 4) train images; the first k train, the rest val."""
+    from torchvision.datasets import ImageFolder
+
+    write_benchmark(tmp_path / "data", "imagenet")
+    folder = ImageFolder(str(tmp_path / "data" / "imagenet" / "images" / "train"))
+    random.seed(3)
+    classes = {}
+    for path, label in folder.imgs:
+        classes.setdefault(label, []).append(path)
+    want_train, want_val = [], []
+    for items in classes.values():
+        drawn = random.sample(items, shots + min(shots, 4))
+        want_train += drawn[:shots]
+        want_val += drawn[shots:]
+    ds = datasets.build_dataset("imagenet", tmp_path / "data", shots, 3, tmp_path / "cache", sampler="released")
+    assert subset(ds) == (want_train, want_val)
+    assert not set(want_val) & set(want_train)
+
+
+def test_an_unknown_sampler_is_named(tmp_path, data):
+    with pytest.raises(ValueError, match="fewshot_sampler='dassl': expected one of coop, released"):
+        datasets.build_dataset("dtd", data, 2, 1, tmp_path / "cache", sampler="dassl")

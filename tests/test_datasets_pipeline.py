@@ -62,6 +62,28 @@ def test_batch_equals_torchvision_resized_crop_flip_and_normalize(images):
     assert any(flips) and not all(flips)
 
 
+def test_crop_from_original_crops_the_full_resolution_image(images):
+    """crop_from_original=True (the released code's crops): the 300x200 image stays whole, and a crop of
+    it is taken from its own pixels, not from the 96x64 reduction."""
+    train = TrainImages(images, "cpu", S, MEAN, STD, torch.Generator().manual_seed(5), crop_from_original=True)
+    assert train.heights.tolist() == [40, 60, 33, 200] and train.widths.tolist() == [50, 40, 33, 300]
+    original = pipeline.decode(images[3].path)
+    assert torch.equal(train.images[3], original)
+    replay = torch.Generator()
+    replay.set_state(train.generator.get_state())
+    idx = torch.tensor([3, 3, 3, 3])
+    top, left, h, w = crop_params(train.heights[idx], train.widths[idx], replay)
+    flip = torch.rand(len(idx), generator=replay) < 0.5
+    got = train.batch(idx)
+    for b in range(len(idx)):
+        ref = TF.resized_crop(original, top[b].item(), left[b].item(), h[b].item(), w[b].item(), [S, S],
+                              InterpolationMode.BICUBIC, antialias=True)
+        ref = TF.normalize((TF.horizontal_flip(ref) if flip[b] else ref) / 255, MEAN, STD)
+        torch.testing.assert_close(got[b], ref, atol=1.01 / 255 / min(STD), rtol=0)
+    reduced = TrainImages(images, "cpu", S, MEAN, STD, torch.Generator().manual_seed(5))
+    assert not torch.allclose(reduced.batch(idx), got, atol=0.1)  # the same crops, fewer source pixels
+
+
 def test_crop_parameters_follow_torchvision_distribution():
     n = 8000
     top, left, h, w = crop_params(torch.full((n,), 375), torch.full((n,), 500), torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ELEVEN = sorted(p.stem for p in (ROOT / "configs" / "dataset").glob("*.yaml") if not p.stem.startswith("synthetic"))
 LIST_VARS = ("DATA", "DATASETS", "METHODS", "SHOTS", "SEEDS", "NAME", "VARIANTS", "DENSITIES", "REFRESH_EVERY",
-             "METHOD", "PYTHON")
+             "METHOD", "PYTHON", "PROTOCOL")
 
 
 def script(name, *args, check=True, **env):
@@ -58,20 +58,44 @@ def test_main_table_launches_one_multirun_per_group():
     assert "Launching 2 trials: echo main.py -m" in proc.stderr and "26 trials in all." in proc.stderr
 
 
-def test_ablations_list_one_variant_per_experiment_name():
+def test_ablations_list_the_papers_rows_one_variant_per_experiment_name():
     lines = trials("ablations.sh")
-    assert len(lines) == 6 * 11 * 3 * 3
+    assert len(lines) == 7 * 11 * 2 * 3  # variants x datasets x shots (1 and 4) x seeds
+    assert {line.split(" shots=")[1] for line in lines} == {f"{k} seed={s}" for k in (1, 4) for s in (1, 2, 3)}
     small = trials("ablations.sh", DATASETS="dtd", SHOTS="4", SEEDS="1")
     assert small == [
+        "name=ablations/adam dataset=dtd method=adam shots=4 seed=1",
+        "name=ablations/moment_dense dataset=dtd method=so method.optimizer.moment_selection=dense shots=4 seed=1",
         "name=ablations/so dataset=dtd method=so shots=4 seed=1",
         "name=ablations/grad_topk dataset=dtd method=so method.optimizer.grad_selection=topk shots=4 seed=1",
         "name=ablations/moment_random dataset=dtd method=so method.optimizer.moment_selection=random shots=4 seed=1",
-        "name=ablations/moment_dense dataset=dtd method=so method.optimizer.moment_selection=dense shots=4 seed=1",
         "name=ablations/support_static dataset=dtd method=so method.optimizer.support=static shots=4 seed=1",
         "name=ablations/no_momentum dataset=dtd method=so method.optimizer.momentum=false shots=4 seed=1"]
     proc = script("ablations.sh", PYTHON="echo", VARIANTS="no_momentum", DATASETS="dtd ucf101", SHOTS="1 4")
     assert proc.stdout.splitlines() == [
         "main.py -m name=ablations/no_momentum dataset=dtd,ucf101 method=so method.optimizer.momentum=false shots=1,4 seed=1,2,3"]
+
+
+@pytest.mark.parametrize("protocol, methods", [("official_so", ["so_reference_cli"]), ("clip_lora", ["lora"])])
+def test_main_table_under_each_preset_lists_its_trials(protocol, methods):
+    proc = script("main_table.sh", "--dry-run", PROTOCOL=protocol)
+    lines = proc.stdout.splitlines()
+    trained = {f"name=main_table_{protocol} dataset={d} method={m} protocol={protocol} shots={k} seed={s}"
+               for d in ELEVEN for m in methods for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
+    zeroshot = [f"name=main_table_{protocol} dataset={d} method=zeroshot protocol={protocol} shots=1 seed=1"
+                for d in ELEVEN] if protocol == "official_so" else []
+    assert lines == zeroshot + sorted(trained, key=lines.index)
+    assert set(lines) == trained | set(zeroshot)
+    assert f"{len(lines)} trials in all (dry run: nothing launched)." in proc.stderr
+    launched = script("main_table.sh", PYTHON="echo", PROTOCOL=protocol, DATASETS="dtd", SHOTS="4", SEEDS="3")
+    assert launched.stdout.splitlines()[-1] == (f"main.py -m name=main_table_{protocol} dataset=dtd "
+                                                f"method={methods[0]} protocol={protocol} shots=4 seed=3")
+
+
+def test_main_table_rejects_an_unknown_protocol():
+    proc = script("main_table.sh", "--dry-run", check=False, PROTOCOL="dassl")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "unknown PROTOCOL 'dassl' (expected one of:" in proc.stderr and "official_so" in proc.stderr
 
 
 def test_sensitivity_lists_the_density_by_refresh_grid():
@@ -96,8 +120,8 @@ def test_help_and_bad_arguments():
         assert bad.returncode == 2 and "'dtd' is not a Hydra override (expected key=value" in bad.stderr
     bad = script("ablations.sh", "--dry-run", VARIANTS="so no_such", check=False)
     assert bad.returncode == 2 and bad.stdout == ""
-    assert ("unknown variant 'no_such' in VARIANTS (expected some of: so grad_topk moment_random moment_dense "
-            "support_static no_momentum)") in bad.stderr
+    assert ("unknown variant 'no_such' in VARIANTS (expected some of: adam moment_dense so grad_topk "
+            "moment_random support_static no_momentum)") in bad.stderr
 
 
 @pytest.mark.slow  # launches the multiruns

@@ -32,7 +32,9 @@ def build(dataset, lr, method, grad_checkpointing=False, **method_cfg):
 
 def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
     model, method, prompts = build(dataset, lr, method, grad_checkpointing)
-    cfg = OmegaConf.create({"seed": 1, "batch_size": 8, "precision": "auto", "compile": "none", **cfg})
+    protocol = yaml.safe_load(open("configs/protocol/paper.yaml"))  # the default protocol's keys
+    cfg = OmegaConf.create({**protocol, "seed": 1, "shots": dataset.shots, "batch_size": 8, "compile": "none",
+                            **cfg})
     return train.train(cfg, model, prompts, method, dataset.train_x, CPU)
 
 
