@@ -110,7 +110,10 @@ def budget(cfg):
 
 
 def schedule(optimizer, cfg):
-    """The cosine learning rate over the whole budget, down to 1e-6 (the released code's and CLIP-LoRA's)."""
+    """The cosine learning rate over the whole budget, down to 1e-6 (the released code's and CLIP-LoRA's),
+    or the optimizer's own schedule over it where it has one (ReLoRA's jagged cosine)."""
+    if hasattr(optimizer, "scheduler"):
+        return optimizer.scheduler(budget(cfg), eta_min=1e-6)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, budget(cfg), eta_min=1e-6)
 
 

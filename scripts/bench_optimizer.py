@@ -1,4 +1,4 @@
-"""Step time and optimizer-state bytes of SO vs torch.optim.Adam on CLIP ViT-B/16's trainable set.
+"""Step time and optimizer-state bytes of SO, GaLore and ReLoRA vs torch.optim.Adam on CLIP ViT-B/16.
 
 The 96 tensors SO trains in CLIP ViT-B/16 (per block of each tower: attn.in_proj_weight,
 attn.out_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight), with random gradients; no model needed.
@@ -13,6 +13,12 @@ support redraws (one step in refresh_every). `vs_adam_*`: the median over rounds
 over Adam's in the same round. Optimizer `so_in_backward` is SO as the harness runs it
 (step_in_backward): each gradient is read at its support first, as the hooks do inside backward
 (median `read_ms` for all 96), and the times are those of the step that follows.
+
+`galore` (so/galore.py, --galore-rank, --galore-gap) steps on the same 96 tensors, in the same rounds;
+its timed steps reuse the projections, and `refresh_ms` is one step that recomputes all 96 (an SVD
+each, one step in --galore-gap). `relora` (so/relora.py) steps AdamW on the rank-2 LoRA factors of
+the 72 q, k, v projections instead, timed on its own; `reset_ms` is one merge and restart of all 72
+(one step in reset_every). state_bytes: every tensor the optimizer keeps (GaLore: its projections too).
 """
 import argparse
 import json
@@ -25,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 from so import SO  # noqa: E402
+from so.galore import GaLore  # noqa: E402
+from so.relora import ReLoRA  # noqa: E402
 
 TOWERS = {"vision": 768, "text": 512}  # width; 12 blocks each
 CLIP_VIT_B16_NUMEL = 122_683_392
@@ -40,11 +48,34 @@ def clip_shapes():
 
 
 def state_bytes(opt):
-    """Optimizer-state bytes (SO counts its internal buffers too)."""
+    """Optimizer-state bytes (SO counts its internal buffers too, GaLore its projections)."""
     if isinstance(opt, SO):
         return opt.state_bytes()
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v))
+    tensors = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors += [s["projector"].ortho_matrix for s in opt.state.values() if s.get("projector")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_relora(device, repeats, common):
+    """AdamW steps on the LoRA factors of ViT-B/16's 72 q, k, v projections, and one reset."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    layers = torch.nn.ModuleDict({f"{tower}{block}{t}": torch.nn.Linear(width, width, bias=False)
+                                  for tower, width in TOWERS.items() for block in range(12) for t in "qkv"})
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, use_rslora=True, target_modules=list(layers)), layers)
+    layers.to(device)
+    params = [p for n, p in layers.named_parameters() if ".lora_" in n]
+    grads = [torch.randn_like(p) for p in params]
+    adapters = [m for m in layers.modules() if isinstance(m, LoraLayer)]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = ReLoRA(params, adapters, reset_every=10**9, restart_warmup=0, prune_ratio=0.9, lr=1e-6, **fast)
+    steps = [time_step(opt, params, grads, device) for _ in range(max(2, repeats) + 2)][2:]
+    resets = [_timed(opt.reset, device)[0] for _ in range(3)]
+    return dict(common, optimizer="relora", tensors=len(params), numel=sum(p.numel() for p in params),
+                density=1.0, median_ms=statistics.median(t[0] for t in steps),
+                mean_ms=statistics.fmean(t[0] for t in steps), cpu_ms=statistics.median(t[1] for t in steps),
+                reset_ms=statistics.median(resets), state_bytes=state_bytes(opt))
 
 
 def time_step(opt, params, grads, device, in_backward=False):
@@ -95,7 +126,7 @@ def paired_ratio(rounds, reference, column):
         for a, b in zip(rounds, reference))
 
 
-def bench_device(device, densities, repeats, refresh_every):
+def bench_device(device, densities, repeats, refresh_every, galore_rank, galore_gap):
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=gen).requires_grad_() for s in clip_shapes()]
@@ -117,6 +148,9 @@ def bench_device(device, densities, repeats, refresh_every):
             so_names.append((optimizer, density))
             opts[so_names[-1]] = (SO(params, lr=1e-6, density=density, refresh_every=refresh_every),
                                   so_steps, in_backward)
+    galore = GaLore(params, lr=1e-6, rank=galore_rank, update_proj_gap=galore_gap, scale=0.25)
+    refresh_ms = time_step(galore, params, grads, device)[0]  # step 0 computes every projection
+    opts["galore"] = (galore, so_steps)
     rounds = max(1, -(-repeats // so_steps))
     warmup = max(2, -(-(refresh_every + 1) // so_steps))  # past SO's first redraws
     timed = time_interleaved(opts, params, grads, rounds, warmup, device)
@@ -124,17 +158,20 @@ def bench_device(device, densities, repeats, refresh_every):
         median, mean, cpu = summary(timed[name])
         if name in so_names:
             rows[name] = dict(common, optimizer=name[0], density=name[1], refresh_every=refresh_every)
+        elif name == "galore":
+            rows[name] = dict(common, optimizer=name, density=1.0, rank=galore_rank, update_proj_gap=galore_gap,
+                              refresh_ms=refresh_ms)
         else:
             rows[name] = dict(common, optimizer=name, density=1.0)
         rows[name].update(median_ms=median, mean_ms=mean, cpu_ms=cpu, state_bytes=state_bytes(opt))
         if rows[name]["optimizer"] == "so_in_backward":
             rows[name]["read_ms"] = statistics.median(t[2] for steps in timed[name] for t in steps)
-    adam = [name for name in opts if name not in so_names]
-    for so_name in so_names:  # SO step time as a fraction of Adam's, round by round
+    adam = [name for name in opts if name in ("adam_foreach", "adam_fused")]
+    for so_name in so_names + ["galore"]:  # step time as a fraction of Adam's, round by round
         for name in adam:
             rows[so_name][f"vs_{name}"] = paired_ratio(timed[so_name], timed[name], 0)
             rows[so_name][f"cpu_vs_{name}"] = paired_ratio(timed[so_name], timed[name], 1)
-    return list(rows.values())
+    return list(rows.values()) + [bench_relora(device, repeats, common)]
 
 
 def main():
@@ -145,6 +182,8 @@ def main():
     parser.add_argument("--densities", nargs="+", type=float, default=[5e-5, 5e-4, 5e-3])
     parser.add_argument("--repeats", type=int, default=20, help="timed steps of each SO (Adam: a quarter)")
     parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument("--galore-rank", type=int, default=2)
+    parser.add_argument("--galore-gap", type=int, default=200, help="GaLore's update_proj_gap")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -152,7 +191,8 @@ def main():
     if "cuda" in args.device and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     for device in args.device:
-        for row in bench_device(device, args.densities, args.repeats, args.refresh_every):
+        for row in bench_device(device, args.densities, args.repeats, args.refresh_every, args.galore_rank,
+                                args.galore_gap):
             if args.json:
                 print(json.dumps(row), flush=True)
             elif "error" in row:
@@ -162,7 +202,8 @@ def main():
                       f"median {row['median_ms']:9.2f} ms  mean {row['mean_ms']:9.2f} ms  "
                       f"cpu {row['cpu_ms']:9.2f} ms  "
                       f"state {row['state_bytes'] / 2**20:9.2f} MiB"
-                      + (f"  reads {row['read_ms']:7.2f} ms" if "read_ms" in row else ""), flush=True)
+                      + "".join(f"  {key[:-3]} {row[key]:7.2f} ms" for key in ("read_ms", "refresh_ms", "reset_ms")
+                                if key in row), flush=True)
 
 
 if __name__ == "__main__":

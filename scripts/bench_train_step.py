@@ -5,8 +5,8 @@ class count, on a randomly initialised CLIP (no weights needed) with synthetic i
     python scripts/bench_train_step.py --json --device cpu --model tiny
 
 One JSON object per line: method, classes, s_per_iter (median over --iters timed iterations after
---warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. Imports only torch, open_clip,
-peft, pyyaml and the project's own modules.
+--warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. The methods' configs are
+composed with Hydra, as main.py composes them.
 """
 import argparse
 import json
@@ -18,7 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,10 +40,8 @@ def class_names(count, seed=0):
 
 
 def method_config(name):
-    cfg = yaml.safe_load((ROOT / "configs" / "method" / f"{name}.yaml").read_text())
-    if "defaults" in cfg:
-        raise ValueError(f"configs/method/{name}.yaml inherits from another file: bench so, adam or lora.")
-    return cfg
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return OmegaConf.to_container(compose(overrides=[f"+method={name}"]).method, resolve=True)
 
 
 def sync(device):
@@ -88,7 +87,7 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
-    parser.add_argument("--methods", default="so,adam,lora")
+    parser.add_argument("--methods", default="so,adam,lora,relora,galore")
     parser.add_argument("--classes", default="47,397,1000")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--batch-size", type=int, default=32)
@@ -107,7 +106,7 @@ def main():
                 print(json.dumps(row), flush=True)
             else:
                 peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
-                print(f"{method_name:6s} {classes:5d} classes  {row['s_per_iter'] * 1e3:8.1f} ms/iter  {peak}")
+                print(f"{method_name:8s} {classes:5d} classes  {row['s_per_iter'] * 1e3:8.1f} ms/iter  {peak}")
 
 
 if __name__ == "__main__":

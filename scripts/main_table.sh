@@ -3,7 +3,7 @@
 # once per dataset (it trains nothing, so shots and seed do not change it; aggregate.py uses it for every
 # shot count). One Hydra multirun per group, results under outputs/NAME/. PROTOCOL picks the protocol
 # preset (configs/protocol/) and, with it, the default methods and NAME:
-#   paper         what the paper's text says: so lora adam zeroshot, NAME main_table
+#   paper         what the paper's text says: so relora lora galore adam zeroshot, NAME main_table
 #   official_so   the released SO code's runs: so_reference_cli zeroshot, NAME main_table_official_so
 #   clip_lora     CLIP-LoRA's runs, for the LoRA row: lora, NAME main_table_clip_lora
 #
@@ -23,7 +23,7 @@
 source "$(dirname "$0")/_sweep.sh"
 
 PROTOCOL="${PROTOCOL:-paper}"
-declare -A PROTOCOL_METHODS=([paper]="so lora adam zeroshot" [official_so]="so_reference_cli zeroshot"
+declare -A PROTOCOL_METHODS=([paper]="so relora lora galore adam zeroshot" [official_so]="so_reference_cli zeroshot"
                              [clip_lora]="lora")
 if [[ ! -v "PROTOCOL_METHODS[$PROTOCOL]" ]]; then
   echo "main_table.sh: unknown PROTOCOL '$PROTOCOL' (expected one of: ${!PROTOCOL_METHODS[*]})" >&2

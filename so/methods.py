@@ -3,6 +3,8 @@
     so        SO (so/optim.py) on the chosen attention/MLP weights, optionally stepped inside backward
     adam      torch Adam on the same weights (the dense baseline)
     lora      CLIP-LoRA adapters on q, k, v (and o) of the chosen blocks, AdamW; `dora: true` for DoRA
+    relora    LoRA's adapters, merged and restarted every `reset_every` steps (so/relora.py)
+    galore    AdamW with GaLore's low-rank gradient projection on SO's weights (so/galore.py)
     zeroshot  nothing trains
 
 The harness runs the loop: loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True).
@@ -13,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from so.galore import GaLore
 from so.lora import add_adapters
 from so.optim import SO, step_in_backward
+from so.relora import ReLoRA
 from so.runs import save_atomic
 
 TOWERS = {"text": ["transformer"], "vision": ["visual.transformer"],
@@ -29,6 +33,7 @@ class Method:
     name: str                                    # cfg.method.name, as written in results.json
     optimizer: torch.optim.Optimizer | None      # None for zeroshot
     trainable: dict[str, torch.nn.Parameter]     # what trains, named as in model.named_parameters()
+    merged: tuple[str, ...] = ()                 # frozen weights it changes in place (ReLoRA's merges)
 
     @property
     def trainable_params(self) -> int:
@@ -119,9 +124,9 @@ def _build_adam(name, cfg, model, seed):
     return Method(name, optimizer, trainable)
 
 
-def _build_lora(name, cfg, model, seed):
-    _check_keys(cfg, "lora", ("encoder", "position", "targets", "rank", "alpha", "dropout", "dora",
-                              "optimizer"))
+def _add_lora(cfg, model, kind):
+    """LoRA's adapters as the method's config places them; their factors, trainable."""
+    _check_keys(cfg, kind, ("encoder", "position", "targets", "rank", "alpha", "dropout", "dora", "optimizer"))
     if not (isinstance(cfg["rank"], int) and cfg["rank"] > 0):
         raise ValueError(f"method.rank={cfg['rank']!r}: expected a positive integer.")
     if not 0 <= cfg["dropout"] < 1:
@@ -130,9 +135,36 @@ def _build_lora(name, cfg, model, seed):
                  rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"], dora=cfg["dora"])
     model.requires_grad_(False)
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    params = [p.requires_grad_(True) for p in trainable.values()]
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return trainable
+
+
+def _build_lora(name, cfg, model, seed):
+    trainable = _add_lora(cfg, model, "lora")
+    params = list(trainable.values())
     optimizer = make_optimizer(torch.optim.AdamW, params, cfg["optimizer"], **torch_fast_path(params))
     return Method(name, optimizer, trainable)
+
+
+def _build_relora(name, cfg, model, seed):
+    if cfg.get("dora"):
+        raise ValueError("method.dora=true: ReLoRA merges B A into the weight, which DoRA's magnitude "
+                         "vector does not allow; use dora: false.")
+    trainable = _add_lora(cfg, model, "relora")
+    from peft.tuners.lora import LoraLayer
+
+    adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    params = list(trainable.values())
+    optimizer = make_optimizer(ReLoRA, params, cfg["optimizer"], adapters=adapters.values(),
+                               **torch_fast_path(params))
+    return Method(name, optimizer, trainable, merged=tuple(f"{n}.base_layer.weight" for n in adapters))
+
+
+def _build_galore(name, cfg, model, seed):
+    _check_keys(cfg, "galore", ("encoder", "position", "optimizer"))
+    trainable = select_weights(model, cfg["encoder"], cfg["position"])
+    return Method(name, make_optimizer(GaLore, list(trainable.values()), cfg["optimizer"]), trainable)
 
 
 def _build_zeroshot(name, cfg, model, seed):
@@ -140,14 +172,20 @@ def _build_zeroshot(name, cfg, model, seed):
     return Method(name, None, {})
 
 
-BUILDERS = {"so": _build_so, "adam": _build_adam, "lora": _build_lora, "zeroshot": _build_zeroshot}
+BUILDERS = {"so": _build_so, "adam": _build_adam, "lora": _build_lora, "relora": _build_relora,
+            "galore": _build_galore, "zeroshot": _build_zeroshot}
 
 
 def save_trained(method, model, path):
-    """Write only what the method trained (trainable tensors or adapter weights) to one file."""
+    """Write only what the method trained (trainable tensors or adapter weights, and the weights it
+    merged into) to one file."""
     params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().cpu() for n in method.trainable}
+    tensors = {n: params[n].detach().cpu() for n in saved_names(method)}
     save_atomic({"method": method.name, "tensors": tensors}, path)
+
+
+def saved_names(method):
+    return set(method.trainable) | set(method.merged)
 
 
 def load_trained(method, model, path):
@@ -163,9 +201,9 @@ def load_trained(method, model, path):
         raise ValueError(f"{path}: not a file written by save_trained.")
     if saved["method"] != method.name:
         raise ValueError(f"{path}: holds method {saved['method']!r}, expected {method.name!r}.")
-    tensors, params = saved["tensors"], dict(model.named_parameters())
-    missing = sorted(method.trainable.keys() - tensors.keys())
-    unknown = sorted(tensors.keys() - method.trainable.keys())
+    tensors, params, names = saved["tensors"], dict(model.named_parameters()), saved_names(method)
+    missing = sorted(names - tensors.keys())
+    unknown = sorted(tensors.keys() - names)
     if missing or unknown:
         raise ValueError(f"{path}: does not match method {method.name!r}: missing {missing[:3]} "
                          f"({len(missing)}), unexpected {unknown[:3]} ({len(unknown)}).")

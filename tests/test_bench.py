@@ -20,7 +20,8 @@ def json_lines(*args):
 def test_bench_train_step_on_the_tiny_model():
     rows = json_lines("scripts/bench_train_step.py", "--device", "cpu", "--model", "tiny",
                       "--classes", "3,10", "--iters", "2", "--warmup", "1")
-    assert [(r["method"], r["classes"]) for r in rows] == [(m, c) for m in ("so", "adam", "lora") for c in (3, 10)]
+    methods = ("so", "adam", "lora", "relora", "galore")
+    assert [(r["method"], r["classes"]) for r in rows] == [(m, c) for m in methods for c in (3, 10)]
     for row in rows:
         assert row["s_per_iter"] > 0 and row["peak_gib"] is None and row["device"] == "cpu"
         assert (row["model"], row["batch_size"], row["compile"]) == ("tiny", 32, "none")

@@ -82,7 +82,7 @@ def test_unset_data_root_names_the_key(tmp_path, monkeypatch):
 
 
 def test_every_method_runs_the_demo(tmp_path):
-    methods = ("so", "so_reference_cli", "adam", "lora", "dora", "zeroshot")
+    methods = ("so", "so_reference_cli", "adam", "lora", "dora", "relora", "galore", "zeroshot")
     main_py(tmp_path, *DEMO, f"method={','.join(methods)}", multirun=True)
     found = {res["method"]: res for res in results(tmp_path).values()}
     assert sorted(found) == sorted(methods)
@@ -90,6 +90,8 @@ def test_every_method_runs_the_demo(tmp_path):
     assert found["zeroshot"]["top1"] == found["zeroshot"]["zeroshot_top1"]
     assert all(found[m]["iterations"] == 4 for m in methods if m != "zeroshot")
     assert found["so"]["trainable_params"] == found["adam"]["trainable_params"] > found["lora"]["trainable_params"]
+    assert found["relora"]["trainable_params"] == found["lora"]["trainable_params"]
+    assert found["galore"]["trainable_params"] == found["so"]["trainable_params"]
 
 
 def test_saved_training_evaluates_identically(tmp_path):

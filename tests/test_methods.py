@@ -69,6 +69,11 @@ def test_configs_compose_with_their_defaults():
     assert [dora[k] for k in ("name", "kind", "dora")] == ["dora", "lora", True]
     assert [dora[k] for k in ("rank", "alpha", "dropout")] == [2, 1, 0.25]  # from lora.yaml
     assert dora["optimizer"]["weight_decay"] == 1e-2
+    relora = method_cfg("relora")
+    assert [relora[k] for k in ("name", "kind", "rank", "targets", "dora")] == ["relora", "relora", 2, ["q", "k", "v"],
+                                                                              False]
+    assert relora["optimizer"] == {"lr": 2e-4, "betas": [0.9, 0.999], "weight_decay": 1e-2, "reset_every": 500,
+                                   "restart_warmup": 10, "prune_ratio": 0.9, "prune_together": True}
 
 
 def test_method_configs_are_plain_yaml_floats():
@@ -119,6 +124,10 @@ def test_vit_b16_trainable_counts():
     lora = build_method(method_cfg("lora", "method.optimizer.lr=2e-4"), model, 0)
     assert lora.trainable_params == 184_320  # 12 blocks x 3 (q, k, v) x 2 x rank 2 x (768 + 512)
     assert len(lora.trainable) == 2 * 12 * 3 * 2
+    relora = build_method(method_cfg("relora"), build_clip("ViT-B-16-quickgelu")[0], 0)  # LoRA's factors again
+    assert relora.trainable_params == 184_320 and len(relora.merged) == 2 * 12 * 3
+    galore = build_method(method_cfg("galore"), build_clip("ViT-B-16-quickgelu")[0], 0)
+    assert galore.trainable_params == 122_683_392 and len(galore.trainable) == 96  # SO's weights
 
 
 def test_so_passes_every_switch_and_seeds_its_generator(tiny):
@@ -152,7 +161,7 @@ def test_so_in_backward_matches_a_plain_step(tiny):
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
 
-@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
+@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora", "relora", "galore"])
 def test_only_trainable_tensors_change(tiny, name):
     model = fresh(tiny)
     method = build_method(method_cfg(name, "method.optimizer.lr=1e-3"), model, 0)
@@ -220,7 +229,7 @@ def test_adapters_start_at_the_base_model_and_move(tiny, name):
     assert method.trainable_params == blocks * 2 * 2 * 64 + extra
 
 
-@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora"])
+@pytest.mark.parametrize("name", ["so", "adam", "lora", "dora", "relora", "galore"])
 def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, tmp_path):
     model = fresh(tiny)
     method = build_method(method_cfg(name, "method.optimizer.lr=1e-2"), model, 0)

@@ -382,8 +382,9 @@ def test_device_matches_cpu_draws_and_updates(device, in_backward):
 
 
 def test_bench_helpers():
-    from scripts.bench_optimizer import (clip_shapes, paired_ratio, state_bytes, summary,
+    from scripts.bench_optimizer import (bench_relora, clip_shapes, paired_ratio, state_bytes, summary,
                                          time_interleaved, time_step)
+    from so.galore import GaLore
 
     shapes = clip_shapes()
     assert len(shapes) == 96 and sum(a * b for a, b in shapes) == 122_683_392
@@ -411,3 +412,9 @@ def test_bench_helpers():
     adam = torch.optim.Adam(params)
     time_step(adam, params, grads, torch.device("cpu"))
     assert state_bytes(adam) == 3 * 2 * 64 * 32 * 4 + 3 * 4  # two fp32 moments, a step each
+    galore = GaLore(params, lr=1e-3, rank=2, update_proj_gap=10, scale=1.0)
+    time_step(galore, params, grads, torch.device("cpu"))
+    assert state_bytes(galore) == 3 * (2 * 64 * 2 + 2 * 32) * 4  # moments 64 x 2, projection 2 x 32
+    row = bench_relora(torch.device("cpu"), 2, {})
+    assert (row["optimizer"], row["tensors"], row["numel"]) == ("relora", 144, 184_320)  # LoRA's factors
+    assert row["median_ms"] > 0 and row["reset_ms"] > 0 and row["state_bytes"] >= 2 * 184_320 * 4

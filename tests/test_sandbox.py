@@ -192,6 +192,7 @@ def test_sandbox_table_dry_run_lists_every_trial_once():
     lines = proc.stdout.splitlines()
     zeroshot = [f"name=sandbox_table dataset={d} method=zeroshot model=tiny_pretrained shots=1 seed=1" for d in TARGETS]
     trained = [f"name=sandbox_table dataset={d} method={m} model=tiny_pretrained shots={k} seed={s}"
-               for d in TARGETS for m in ("so", "lora", "adam") for k in (1, 4, 16) for s in (1, 2, 3)]
+               for d in TARGETS for m in ("so", "relora", "lora", "galore", "adam") for k in (1, 4, 16)
+               for s in (1, 2, 3)]
     assert lines == zeroshot + trained
-    assert "56 trials in all (dry run: nothing launched)." in proc.stderr and "max_iters=300" in proc.stderr
+    assert "92 trials in all (dry run: nothing launched)." in proc.stderr and "max_iters=300" in proc.stderr

@@ -24,16 +24,17 @@ def trials(name, *args, **env):
     return script(name, "--dry-run", *args, **env).stdout.splitlines()
 
 
-def test_main_table_lists_495_trained_and_11_zeroshot_trials():
+def test_main_table_lists_825_trained_and_11_zeroshot_trials():
     proc = script("main_table.sh", "--dry-run")
     lines = proc.stdout.splitlines()
-    assert len(lines) == 506 and len(set(lines)) == 506
+    assert len(lines) == 836 and len(set(lines)) == 836
     zeroshot = [line for line in lines if "method=zeroshot" in line]
     assert zeroshot == [f"name=main_table dataset={d} method=zeroshot shots=1 seed=1" for d in ELEVEN]
     expected = {f"name=main_table dataset={d} method={m} shots={k} seed={s}"
-                for d in ELEVEN for m in ("so", "lora", "adam") for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
+                for d in ELEVEN for m in ("so", "relora", "lora", "galore", "adam") for k in (1, 2, 4, 8, 16)
+                for s in (1, 2, 3)}
     assert set(lines) - set(zeroshot) == expected
-    assert "506 trials in all (dry run: nothing launched)." in proc.stderr
+    assert "836 trials in all (dry run: nothing launched)." in proc.stderr
 
 
 def test_main_table_takes_lists_and_overrides_from_the_environment():
