@@ -3,6 +3,7 @@ class count, on a randomly initialised CLIP (no weights needed) with synthetic i
 
     python scripts/bench_train_step.py --json                       # ViT-B/16 on CUDA when present
     python scripts/bench_train_step.py --json --device cpu --model tiny
+    python scripts/bench_train_step.py --json --model vit_l14        # any configs/model/ backbone
 
 One JSON object per line: method, classes, s_per_iter (median over --iters timed iterations after
 --warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. The methods' configs are
@@ -29,7 +30,8 @@ from so.methods import build_method  # noqa: E402
 from so.model import build_clip  # noqa: E402
 from train import COMPILE_MODES, Prompts, autocast, compile_loss, set_tf32, train_step  # noqa: E402
 
-MODELS = {"vit_b16": "ViT-B-16-quickgelu", "tiny": "so-tiny"}
+MODELS = {"vit_b16": "ViT-B-16-quickgelu", "vit_b32": "ViT-B-32-quickgelu", "vit_l14": "ViT-L-14-quickgelu",
+          "vit_b16_laion": "ViT-B-16", "tiny": "so-tiny", "tiny_l14": "so-tiny-l14"}  # configs/model/ names
 WORDS = ("red", "striped", "small", "aircraft", "garden", "wooden", "spotted", "river", "old", "cat")
 
 

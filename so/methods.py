@@ -23,8 +23,7 @@ from so.runs import save_atomic
 
 TOWERS = {"text": ["transformer"], "vision": ["visual.transformer"],
           "both": ["visual.transformer", "transformer"]}
-POSITIONS = {"all": None, "bottom": range(0, 4), "mid": range(4, 8), "up": range(8, 12),
-             "half-bottom": range(0, 6), "half-up": range(6, 12), "top3": range(9, 12)}  # None: every block
+POSITIONS = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top3")
 WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -54,6 +53,16 @@ def build_method(cfg_method, model, seed):
     return BUILDERS[kind](name, cfg, model, seed)
 
 
+def block_indices(position, depth):
+    """The blocks of method.position in a tower of `depth` blocks: thirds (bottom, mid, up) split at
+    round(depth / 3) and round(2 depth / 3), halves at depth // 2, top3 the last three. For 12 blocks,
+    the released code's ranges: 0-3, 4-7, 8-11; 0-5, 6-11; 9-11."""
+    third, half = round(depth / 3), round(2 * depth / 3)
+    return {"all": range(depth), "bottom": range(0, third), "mid": range(third, half), "up": range(half, depth),
+            "half-bottom": range(depth // 2), "half-up": range(depth // 2, depth),
+            "top3": range(max(0, depth - 3), depth)}[position]
+
+
 def select_blocks(model, encoder, position):
     """Names of the residual blocks chosen by method.encoder and method.position."""
     if encoder not in TOWERS:
@@ -63,10 +72,9 @@ def select_blocks(model, encoder, position):
     blocks = []
     for tower in TOWERS[encoder]:
         depth = len(model.get_submodule(tower).resblocks)
-        indices = POSITIONS[position] or range(depth)
-        if indices[-1] >= depth:
-            raise ValueError(f"method.position={position!r} needs blocks {indices[0]}-{indices[-1]}, "
-                             f"but {tower} has {depth} blocks.")
+        indices = block_indices(position, depth)
+        if not indices:
+            raise ValueError(f"method.position={position!r} chooses no block of {tower}, which has {depth}.")
         blocks += [f"{tower}.resblocks.{i}" for i in indices]
     return blocks
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from so.weights import load_into, read_state_dict, resolve
 
-open_clip.add_model_config(Path(__file__).parent / "model_configs")  # registers "so-tiny" and "so-sandbox"
+open_clip.add_model_config(Path(__file__).parent / "model_configs")  # so-tiny, so-tiny-l14, so-sandbox
 
 
 def build_clip(name, pretrained=None, device="cpu", allow_unsafe_pickle=False):

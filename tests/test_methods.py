@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from so.lora import SplitAttention
-from so.methods import build_method, load_trained, save_trained, select_weights
+from so.methods import block_indices, build_method, load_trained, save_trained, select_weights
 from so.model import build_clip, encode_text, tokenize
 
 METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
@@ -268,3 +268,51 @@ def test_zeroshot_trains_nothing(tiny):
     method = build_method(method_cfg("zeroshot"), model, 0)
     assert method.optimizer is None and method.trainable == {} and method.trainable_params == 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_positions_are_defined_for_any_depth():
+    assert {p: list(block_indices(p, 12)) for p in BLOCKS} == BLOCKS  # the released code's ranges
+    deep = {p: list(block_indices(p, 24)) for p in BLOCKS}
+    assert deep["bottom"] == list(range(8)) and deep["mid"] == list(range(8, 16)) and deep["up"] == list(range(16, 24))
+    assert deep["half-up"] == list(range(12, 24)) and deep["top3"] == [21, 22, 23]
+    shallow = {p: list(block_indices(p, 4)) for p in BLOCKS}
+    assert shallow == {"all": [0, 1, 2, 3], "bottom": [0], "mid": [1, 2], "up": [3], "half-bottom": [0, 1],
+                       "half-up": [2, 3], "top3": [1, 2, 3]}
+    for depth in range(3, 40):  # thirds and halves partition the tower
+        parts = [block_indices(p, depth) for p in ("bottom", "mid", "up")]
+        assert [i for part in parts for i in part] == list(range(depth)) and all(parts)
+
+
+@pytest.mark.parametrize("config", ["vit_b32", "vit_l14", "vit_b16_laion"])
+def test_backbone_configs_name_an_open_clip_model_and_tag(config):
+    import open_clip
+
+    cfg = OmegaConf.load(METHOD_DIR.parent / "model" / f"{config}.yaml")
+    assert (cfg.name, cfg.pretrained) in open_clip.list_pretrained()
+    quick = open_clip.get_model_config(cfg.name).get("quick_gelu", False)
+    assert quick == (cfg.pretrained == "openai")  # OpenAI's weights need QuickGELU, LAION's plain GELU
+
+
+@pytest.mark.parametrize("name", ["so", "lora"])
+def test_the_vit_l14_stand_in_trains_with_positions_scaled_to_its_depth(name):
+    """so-tiny-l14 has ViT-L/14's depth (24 vision, 12 text blocks): position=up is vision blocks
+    16-23 and text blocks 8-11; a few steps move exactly those."""
+    import open_clip
+
+    real = open_clip.get_model_config("ViT-L-14-quickgelu")
+    torch.manual_seed(0)
+    model, _, tokenizer = build_clip("so-tiny-l14")
+    assert (len(model.visual.transformer.resblocks), len(model.transformer.resblocks)) == \
+        (real["vision_cfg"]["layers"], real["text_cfg"]["layers"]) == (24, 12)
+    method = build_method(method_cfg(name, "method.position=up", "method.optimizer.lr=1e-2"), model, 0)
+    blocks = {int(n.split(".resblocks.")[1].split(".")[0]) for n in method.trainable if n.startswith("visual.")}
+    text_blocks = {int(n.split(".resblocks.")[1].split(".")[0]) for n in method.trainable if n.startswith("transformer.")}
+    assert blocks == set(range(16, 24)) and text_blocks == set(range(8, 12))
+    tiny = (model, tokenize(tokenizer, PROMPTS, "cpu"), torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
+    before = snapshot(model)
+    for _ in range(3):
+        train_step(model, method, tiny)
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= set(method.trainable) | {n for n in before if ".lora_" in n}
+    assert {int(n.split(".resblocks.")[1].split(".")[0]) for n in changed if n.startswith("visual.")} == set(range(16, 24))
