@@ -44,7 +44,7 @@ def checked_config(cfg):
     with open_dict(cfg):
         cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
     for key, low in (("shots", 1), ("max_iters", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                     ("num_workers", 0), ("iters_per_shot", 1)):
+                     ("num_workers", 0), ("iters_per_shot", 1), ("eval_every", 0), ("eval_subset", 0)):
         value = cfg[key]
         if (type(value) is not int or value < low) and not (key == "iters_per_shot" and value is None):
             raise ValueError(f"{key}={value!r}: expected an integer >= {low}.")
@@ -54,8 +54,8 @@ def checked_config(cfg):
     if stop is not None and (not isinstance(stop, (int, float)) or isinstance(stop, bool)
                              or not math.isfinite(stop) or stop < 0):
         raise ValueError(f"stop_loss={stop!r}: expected a number >= 0, or null for no early stop.")
-    for key, choices in (("tf32", (True, False)),
-                         ("crop_from_original", (True, False))):
+    for key, choices in (("tf32", (True, False)), ("crop_from_original", (True, False)),
+                         ("base_to_novel", (True, False))):
         if cfg[key] not in choices or type(cfg[key]) is not type(choices[0]):
             raise ValueError(f"{key}={cfg[key]!r}: expected one of {', '.join(map(str, choices))}.")
     if cfg.dataset.root is None:
@@ -110,8 +110,10 @@ def main(cfg: DictConfig):
         print(f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}: "
               f"DIVERGED at iteration {results['diverged_at']} -> {run_dir / 'results.json'}")
         return
+    novel = (f" (base), novel {results['zeroshot_novel_top1']:.2f} -> {results['novel_top1']:.2f}, "
+             f"HM {results['zeroshot_hm']:.2f} -> {results['hm']:.2f}") if "hm" in results else ""
     print(f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}: "
-          f"zero-shot top-1 {results['zeroshot_top1']:.2f}, final top-1 {results['top1']:.2f} "
+          f"zero-shot top-1 {results['zeroshot_top1']:.2f}, final top-1 {results['top1']:.2f}{novel} "
           f"({results['iterations']} iterations) -> {run_dir / 'results.json'}")
 
 

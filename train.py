@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets.classes import base_and_novel, harmonic_mean
 from datasets.pipeline import TrainImages, test_loader
 from so.methods import load_trained, save_trained
 from so.model import class_embeddings, tokenize
@@ -205,12 +206,32 @@ class Outcome:
     stopped_early: bool = False
     final_loss: float | None = None  # the mean loss of the last full pass
     diverged_at: int | None = None  # the first iteration whose loss was not finite
+    curve: list = field(default_factory=list)  # eval_every's points: iteration, top1, loss, lr
 
 
-def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_counts=None):
+def eval_subset(records, size, seed):
+    """`size` of the test records, drawn with random.Random(seed), in split order; all of them when
+    size is 0 or not smaller than the split."""
+    if not size or size >= len(records):
+        return records
+    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), size))]
+
+
+def curve_point(iteration, probe, window, steps, lr, model, device):
+    """A point of the accuracy curve: top-1 from `probe` (under a forked RNG, so that training goes on
+    with the random numbers it would have drawn without it), the mean loss of the `steps` iterations
+    since the last point (None if not finite), the learning rate."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        top1 = probe()
+    model.train()
+    loss = float(window) / steps
+    return {"iteration": iteration, "top1": top1, "loss": loss if math.isfinite(loss) else None, "lr": lr}
+
+
+def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_counts=None, probe=None):
     """Run the loop until a full pass's mean loss is below stop_loss, max_iters, or a non-finite
     loss; returns the Outcome. `update_counts` (so.updates.UpdateCounts) counts what each SO step
-    moved."""
+    moved; `probe()`, the top-1 of the curve, runs every cfg.eval_every iterations."""
     preprocess = model.visual.preprocess_cfg
     generator = torch.Generator().manual_seed(cfg.seed)
     images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
@@ -228,6 +249,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
             fixed_text = prompts.embeddings(model)
 
     done = Outcome()
+    window, steps = torch.zeros((), device=device), 0  # the losses since the last curve point
     last = None  # (iteration, loss) of the latest step, checked one step later: no wait on the GPU
     bar = tqdm(total=total, desc="train", leave=False)
     while done.iterations < total and not (done.stopped_early or done.diverged_at):
@@ -248,6 +270,16 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
             seen += len(batch)
             done.iterations += 1
             bar.update()
+            window, steps = window + loss, steps + 1
+            if probe is not None and done.iterations % cfg.eval_every == 0:
+                point = curve_point(done.iterations, probe, window, steps, scheduler.get_last_lr()[0], model,
+                                    device)
+                done.curve.append(point)
+                window, steps = torch.zeros((), device=device), 0
+                bar.set_postfix(top1=f"{point['top1']:.2f}", loss=point["loss"])
+                if wandb_run is not None:
+                    wandb_run.log({"eval/top1": point["top1"], "train/loss_since_eval": point["loss"],
+                                   "lr": point["lr"]}, step=done.iterations)
             if done.iterations >= total:
                 break
         if not done.diverged_at and seen == len(train_x):  # a full pass: the early-stop rule reads its mean
@@ -271,19 +303,33 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
 
 def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, run_dir):
     """One trial: zero-shot eval, training, final eval; writes run_dir/results.json and returns it.
-    `config` is the resolved config as a plain dict, recorded in results.json and W&B."""
+    `config` is the resolved config as a plain dict, recorded in results.json and W&B. With
+    base_to_novel, training and `top1` are on the base classes, and the novel classes are evaluated too."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     wandb_run = start_run(cfg.logger, config, run_dir, f"{dataset.name}-{method.name}-{cfg.shots}shot-seed{cfg.seed}")
+    dataset, novel = base_and_novel(dataset) if cfg.base_to_novel else (dataset, None)
     prompts = Prompts(dataset, tokenizer, device)
     loader = test_loader(dataset.test, eval_transform, cfg.eval_batch_size, cfg.num_workers)
+    on_novel = None
+    if novel is not None:
+        novel_prompts = Prompts(novel, tokenizer, device)
+        novel_loader = test_loader(novel.test, eval_transform, cfg.eval_batch_size, cfg.num_workers)
+        on_novel = lambda desc: evaluate(model, novel_prompts, novel_loader, cfg.precision, device, desc)  # noqa: E731
     checkpoint = run_dir / "trained.pt"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     zeroshot_top1 = evaluate(model, prompts, loader, cfg.precision, device, "zero-shot eval")
+    zeroshot_novel = on_novel("zero-shot eval, novel classes") if on_novel else None
     log.info("zero-shot top-1: %.2f", zeroshot_top1)
-    done, seconds = Outcome(), 0.0
+    done, seconds, probe, curve_images = Outcome(), 0.0, None, None
+    if cfg.eval_every:  # the curve's top-1, on the whole test split or a seeded subset of it
+        subset = eval_subset(dataset.test, cfg.eval_subset, cfg.seed)
+        curve_images = len(subset)
+        probe_loader = loader if subset is dataset.test else test_loader(subset, eval_transform,
+                                                                         cfg.eval_batch_size, cfg.num_workers)
+        probe = lambda: evaluate(model, prompts, probe_loader, cfg.precision, device, "curve eval")  # noqa: E731
     if cfg.eval_only:
         load_trained(method, model, checkpoint)
     elif method.optimizer is not None:
@@ -293,15 +339,16 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
         elif cfg.count_updates:
             log.warning("count_updates=true ignored: method %s does not train with SO.", method.name)
         start = time.perf_counter()
-        done = train(cfg, model, prompts, method, dataset.train_x, device, wandb_run, counts)
+        done = train(cfg, model, prompts, method, dataset.train_x, device, wandb_run, counts, probe)
         seconds = time.perf_counter() - start
         if cfg.save and not done.diverged_at:
             save_trained(method, model, checkpoint)
         if counts is not None:
             counts.save(run_dir / "update_counts.pt")
-    top1 = None
+    top1 = novel_top1 = None
     if not done.diverged_at:
         top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
+        novel_top1 = on_novel("final eval, novel classes") if on_novel else None
         log.info("final top-1: %.2f (%d iterations%s)", top1, done.iterations,
                  ", stopped early" if done.stopped_early else "")
 
@@ -324,6 +371,13 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
         "device": str(device),
         "config": config,
     }
+    if cfg.eval_every:
+        results |= {"curve": done.curve, "curve_images": curve_images}
+    if novel is not None:  # top1 and zeroshot_top1 are the base classes'
+        results |= {"base_classes": len(dataset.classnames), "novel_classes": len(novel.classnames),
+                    "zeroshot_novel_top1": zeroshot_novel, "novel_top1": novel_top1,
+                    "zeroshot_hm": harmonic_mean(zeroshot_top1, zeroshot_novel),
+                    "hm": None if top1 is None else harmonic_mean(top1, novel_top1)}
     write_json_atomic(run_dir / "results.json", results, indent=2)  # atomic, strict JSON
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in finite(results).items() if k != "config"})

@@ -1,6 +1,8 @@
 # Shared by the sweep scripts (sourced, not run): argument handling, the trial listing of --dry-run and
 # the Hydra multirun launch. A script sets its defaults, calls `parse_args "$@"`, then calls
-# `sweep NAME DATASETS METHODS SHOTS SEEDS [METHOD_OVERRIDE ...]` once per multirun and `finish` at the end.
+# `sweep NAME DATASETS METHODS SHOTS SEEDS [METHOD_OVERRIDE ...]` once per multirun (or `table`, the same
+# arguments, for a table with zero-shot once per dataset) and `finish` at the end;
+# the sandbox sweeps call `pretrain_sandbox` first and `aggregate_results NAME` last.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,6 +62,45 @@ sweep() {
                 "seed=$(join "${seeds[@]}")" "${OVERRIDES[@]}")
   echo "Launching $n trials: ${cmd[*]}" >&2
   (cd "$ROOT" && "${cmd[@]}") || FAILED+=("$name")
+}
+
+# table NAME "DATASETS" "METHODS" "SHOTS" "SEEDS" [OVERRIDE ...]
+# A table's multiruns: zero-shot (when in METHODS) once per dataset at the first shots and seed, since it
+# trains nothing; the other methods over the whole grid.
+table() {
+  local name="$1" datasets="$2" shots="$4" seeds="$5" method
+  local -a shot_list seed_list trained=() fixed=("${@:6}")
+  read -ra shot_list <<<"$shots"; read -ra seed_list <<<"$seeds"
+  for method in $3; do [[ $method == zeroshot ]] || trained+=("$method"); done
+  if [[ " $3 " == *" zeroshot "* ]]; then
+    sweep "$name" "$datasets" zeroshot "${shot_list[0]}" "${seed_list[0]}" "${fixed[@]}"
+  fi
+  if ((${#trained[@]})); then
+    sweep "$name" "$datasets" "${trained[*]}" "$shots" "$seeds" "${fixed[@]}"
+  fi
+}
+
+override() {  # the value of key $1 among the overrides, or $2
+  local arg value="$2"
+  for arg in "${OVERRIDES[@]}"; do [[ $arg == "$1="* ]] && value="${arg#"$1="}"; done
+  echo "$value"
+}
+
+pretrain_sandbox() {  # the sandbox model, built once before a sweep uses it (parallel launchers race)
+  local cache_dir
+  if ((!DRY_RUN)); then
+    cache_dir="$(override paths.cache_dir "")"
+    "$PYTHON" "$ROOT/scripts/pretrain_sandbox.py" ${cache_dir:+"paths.cache_dir=$cache_dir"}
+  fi
+}
+
+aggregate_results() {  # aggregate.py on the sweep's output folder NAME
+  local results
+  if ((!DRY_RUN)); then
+    results="$(override paths.out_root outputs)/$1"
+    [[ $results == /* ]] || results="$ROOT/$results"
+    "$PYTHON" "$ROOT/scripts/aggregate.py" "$results" || FAILED+=("aggregate")
+  fi
 }
 
 finish() {

@@ -16,6 +16,11 @@ Writes to OUT_FOLDER:
   than the 11 is not compared). Rows that are methods are held
   to the paper's main tables, rows that are experiment names (outputs/ablations) to its ablation table.
 - accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
+- base_to_novel.md and base_to_novel.csv, for trials run with base_to_novel: per shot count, rows x
+  datasets, the base and novel top-1 (means over seeds) and their harmonic mean; the Average column is
+  the mean base, the mean novel and their harmonic mean, as CoCoOp reports it.
+- curves.csv and curves_<K>shot.png, for trials run with eval_every: top-1 against iterations, mean
+  and band (± std) over seeds, one line per row, one panel per dataset.
 - diverged.txt: trials whose training diverged (status "diverged" in results.json), left out of every
   mean and listed here.
 - missing.txt: trials of the expected grid (every row x dataset x shots x seed seen, zero-shot once per
@@ -70,7 +75,7 @@ def load(folder):
         if missing:
             raise SystemExit(f"aggregate.py: {path} lacks {', '.join(missing)} (expected a results.json of main.py)")
         rows.append({**{k: res[k] for k in KEY + ["top1"]}, "status": res.get("status", "finished"),
-                     "path": str(path)})
+                     "novel_top1": res.get("novel_top1"), "curve": res.get("curve") or None, "path": str(path)})
     return pd.DataFrame(rows).astype({"name": str})
 
 
@@ -182,6 +187,65 @@ def tables(summary, datasets, rows_are, format_cell=cell):
     return out
 
 
+def base_to_novel(df, datasets):
+    """{shots: DataFrame} of base, novel and HM per row x dataset (means over seeds), and the Average."""
+    part = df[df["novel_top1"].notna()]
+    if part.empty:
+        return {}
+    means = part.groupby(["shots", "row", "dataset"])[["top1", "novel_top1"]].mean()
+    hm = lambda b, n: 2 * b * n / (b + n) if b + n else 0.0  # noqa: E731
+    out = {}
+    for shots, table in means.groupby("shots"):
+        rows = {}
+        for (_, row, dataset), r in table.iterrows():
+            rows.setdefault(row, {}).update({(dataset, "base"): r["top1"], (dataset, "novel"): r["novel_top1"],
+                                             (dataset, "HM"): hm(r["top1"], r["novel_top1"])})
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        present = [d for d in datasets if (d, "base") in frame.columns]
+        base, novel = frame[[(d, "base") for d in present]].mean(axis=1), frame[[(d, "novel") for d in present]].mean(axis=1)
+        frame[("Average", "base")], frame[("Average", "novel")] = base, novel
+        frame[("Average", "HM")] = [hm(b, n) for b, n in zip(base, novel)]
+        columns = [(d, k) for d in present + ["Average"] for k in ("base", "novel", "HM")]
+        out[int(shots)] = frame.reindex(index=row_order(frame.index), columns=columns).round(2)
+    return out
+
+
+def curves(df):
+    """Long table of the curves: mean, std and seed count of top-1 per (shots, row, dataset, iteration)."""
+    points = [{"shots": r.shots, "row": r.row, "dataset": r.dataset, "seed": r.seed, "iteration": p["iteration"],
+               "top1": p["top1"]} for r in df.itertuples() if r.curve for p in r.curve]
+    if not points:
+        return None
+    stats = pd.DataFrame(points).groupby(["shots", "row", "dataset", "iteration"])["top1"]
+    return stats.agg(mean="mean", std="std", seeds="count").reset_index()
+
+
+def plot_curves(table, datasets, shots):
+    """Top-1 against iterations at `shots`: one panel per dataset, one line (and band) per row."""
+    part = table[table["shots"] == shots]
+    panels = [d for d in datasets if d in set(part["dataset"])]
+    rows = row_order(part["row"].unique())
+    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.4 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, dataset in zip(axes.flat, panels):
+        for row in rows:
+            line = part[(part["dataset"] == dataset) & (part["row"] == row)].sort_values("iteration")
+            if line.empty:
+                continue
+            std = line["std"].fillna(0)
+            ax.plot(line["iteration"], line["mean"], color=colors[row], label=row)
+            ax.fill_between(line["iteration"], line["mean"] - std, line["mean"] + std, color=colors[row], alpha=0.2)
+        ax.set(title=dataset, xlabel="iteration", ylabel="top-1 (%)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=min(6, len(rows)))
+    fig.suptitle(f"{shots}-shot")
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * -(-len(rows) // 6), 1, 1))
+    return fig
+
+
 def plot(summary, datasets, path):
     panels = datasets + ["Average"]
     rows = row_order(summary["row"].unique())
@@ -249,6 +313,20 @@ def main(argv):
                  for shots, table in tables(comparison, datasets, rows_are, versus).items()]
     (out / "paper.md").write_text("\n".join(versus_md))
     plot(summary, datasets, out / "accuracy_vs_shots.png")
+    b2n = base_to_novel(df, datasets)
+    if b2n:
+        flat = {k: t.set_axis([f"{d} {m}" for d, m in t.columns], axis=1) for k, t in b2n.items()}
+        pd.concat(flat, names=["shots", "row"]).to_csv(out / "base_to_novel.csv")
+        b2n_md = "\n".join(f"## {k}-shot: base / novel / HM\n\n{t.to_markdown()}\n" for k, t in flat.items())
+        (out / "base_to_novel.md").write_text(b2n_md)
+        print(b2n_md)
+    curve_table = curves(df)
+    if curve_table is not None:
+        curve_table.to_csv(out / "curves.csv", index=False)
+        for shots in sorted(curve_table["shots"].unique()):
+            fig = plot_curves(curve_table, datasets, shots)
+            fig.savefig(out / f"curves_{shots}shot.png", dpi=120)
+            plt.close(fig)
     (out / "missing.txt").write_text("".join(line + "\n" for line in missing))
     (out / "duplicates.txt").write_text("".join(p + "\n" for p in repeated["path"]))
 

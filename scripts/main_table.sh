@@ -37,13 +37,5 @@ if [[ $PROTOCOL == paper ]]; then fixed=(); NAME="${NAME:-main_table}"
 else fixed=("protocol=$PROTOCOL"); NAME="${NAME:-main_table_$PROTOCOL}"; fi
 parse_args "$@"
 
-read -ra shot_list <<<"$SHOTS"; read -ra seeds <<<"$SEEDS"
-trained=()
-for method in $METHODS; do [[ $method == zeroshot ]] || trained+=("$method"); done
-if [[ " $METHODS " == *" zeroshot "* ]]; then
-  sweep "$NAME" "$DATASETS" zeroshot "${shot_list[0]}" "${seeds[0]}" "${fixed[@]}"
-fi
-if ((${#trained[@]})); then
-  sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS" "${fixed[@]}"
-fi
+table "$NAME" "$DATASETS" "$METHODS" "$SHOTS" "$SEEDS" "${fixed[@]}"
 finish

@@ -24,28 +24,7 @@ SEEDS="${SEEDS:-1 2 3}"
 NAME="${NAME:-sandbox_table}"
 parse_args "$@"
 
-override() {  # the value of key $1 among the overrides, or $2
-  local arg value="$2"
-  for arg in "${OVERRIDES[@]}"; do [[ $arg == "$1="* ]] && value="${arg#"$1="}"; done
-  echo "$value"
-}
-
-if ((!DRY_RUN)); then
-  cache_dir="$(override paths.cache_dir "")"
-  "$PYTHON" "$ROOT/scripts/pretrain_sandbox.py" ${cache_dir:+"paths.cache_dir=$cache_dir"}
-fi
-read -ra shot_list <<<"$SHOTS"; read -ra seeds <<<"$SEEDS"
-trained=()
-for method in $METHODS; do [[ $method == zeroshot ]] || trained+=("$method"); done
-if [[ " $METHODS " == *" zeroshot "* ]]; then
-  sweep "$NAME" "$DATASETS" zeroshot "${shot_list[0]}" "${seeds[0]}" model=tiny_pretrained
-fi
-if ((${#trained[@]})); then
-  sweep "$NAME" "$DATASETS" "${trained[*]}" "$SHOTS" "$SEEDS" model=tiny_pretrained
-fi
-if ((!DRY_RUN)); then
-  results="$(override paths.out_root outputs)/$NAME"
-  [[ $results == /* ]] || results="$ROOT/$results"
-  "$PYTHON" "$ROOT/scripts/aggregate.py" "$results" || FAILED+=("aggregate")
-fi
+pretrain_sandbox
+table "$NAME" "$DATASETS" "$METHODS" "$SHOTS" "$SEEDS" model=tiny_pretrained
+aggregate_results "$NAME"
 finish

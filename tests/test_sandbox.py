@@ -196,3 +196,18 @@ def test_sandbox_table_dry_run_lists_every_trial_once():
                for s in (1, 2, 3)]
     assert lines == zeroshot + trained
     assert "92 trials in all (dry run: nothing launched)." in proc.stderr and "max_iters=300" in proc.stderr
+
+
+def test_sandbox_sensitivity_lists_the_fixed_grid_with_curves():
+    proc = subprocess.run(["bash", "scripts/sandbox_sensitivity.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("DATASETS", "DENSITIES", "RANKS", "SHOTS", "SEEDS", "NAME")})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    study = "model=tiny_pretrained max_iters=300 stop_loss=null eval_every=25"
+    points = [("so_density" + d, f"method=so method.optimizer.density={d}") for d in ("5e-4", "5e-3", "5e-2", "2e-1")]
+    points += [("lora_rank" + r, f"method=lora method.rank={r}") for r in ("1", "2", "4", "8")]
+    assert lines == [f"name=sandbox_sensitivity/{point} dataset={d} {switch} {study} shots={k} seed={s}"
+                     for point, switch in points for d in TARGETS for k in (1, 4) for s in (1, 2, 3)]
+    assert "96 trials in all (dry run: nothing launched)." in proc.stderr

@@ -131,3 +131,12 @@ def test_a_failed_multirun_is_reported_and_the_others_still_run():
     assert proc.returncode == 1
     assert proc.stderr.count("Launching") == 2
     assert "Multiruns with failed trials: ablations/so ablations/no_momentum. Re-run the same command" in proc.stderr
+
+
+def test_base_to_novel_lists_every_dataset_at_16_shots_with_the_key():
+    lines = trials("base_to_novel.sh")
+    methods = ("so", "relora", "lora", "galore", "adam")
+    expected = {f"name=base_to_novel dataset={d} method={m} base_to_novel=true shots=16 seed={s}"
+                for d in ELEVEN for m in methods for s in (1, 2, 3)}
+    zeroshot = [f"name=base_to_novel dataset={d} method=zeroshot base_to_novel=true shots=16 seed=1" for d in ELEVEN]
+    assert lines[:11] == zeroshot and set(lines[11:]) == expected and len(lines) == 11 + len(expected)
