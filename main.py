@@ -58,6 +58,9 @@ def checked_config(cfg):
                          ("base_to_novel", (True, False))):
         if cfg[key] not in choices or type(cfg[key]) is not type(choices[0]):
             raise ValueError(f"{key}={cfg[key]!r}: expected one of {', '.join(map(str, choices))}.")
+    if cfg.dataset.get("test_only") and not cfg.eval_only and cfg.method.kind != "zeroshot":
+        raise ValueError(f"dataset={cfg.dataset.name} has no training split: evaluate a saved ImageNet run on "
+                         f"it with eval_only=true trained_from=<that run's folder> (README, Domain generalization).")
     if cfg.dataset.root is None:
         raise ValueError("paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
@@ -132,7 +135,8 @@ def build(cfg, config):
     train.set_tf32(cfg.tf32)
     device = train.resolve_device(cfg.device)
     train.resolve_precision(cfg.precision, device)  # a wrong value fails here, named
-    options = {k: v for k, v in config["dataset"].items() if k not in ("name", "root", "templates", "generated")}
+    options = {k: v for k, v in config["dataset"].items()
+               if k not in ("name", "root", "templates", "generated", "test_only")}
     dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
                             Path(cfg.paths.cache_dir).expanduser(), templates=cfg.dataset.templates,
                             sampler=cfg.fewshot_sampler, **options)

@@ -331,7 +331,7 @@ def run(cfg, config, model, eval_transform, tokenizer, dataset, method, device, 
                                                                          cfg.eval_batch_size, cfg.num_workers)
         probe = lambda: evaluate(model, prompts, probe_loader, cfg.precision, device, "curve eval")  # noqa: E731
     if cfg.eval_only:
-        load_trained(method, model, checkpoint)
+        load_trained(method, model, Path(cfg.trained_from or run_dir) / "trained.pt")
     elif method.optimizer is not None:
         counts = None
         if cfg.count_updates and isinstance(method.optimizer, SO):

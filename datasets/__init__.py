@@ -12,6 +12,7 @@ from .eurosat import EuroSAT
 from .fgvc_aircraft import FGVCAircraft
 from .food101 import Food101
 from .imagenet import ImageNet
+from .imagenet_variants import ImageNetA, ImageNetR, ImageNetSketch, ImageNetV2
 from .oxford_flowers import OxfordFlowers
 from .oxford_pets import OxfordPets
 from .stanford_cars import StanfordCars
@@ -20,11 +21,13 @@ from .synthetic import Synthetic, SyntheticCompositions, SyntheticShift
 from .ucf101 import UCF101
 
 # The 11 benchmarks, in the order of the paper's tables; the scripts take the same list from
-# configs/dataset/ (every file but the synthetic ones).
+# configs/dataset/ (every file but the synthetic ones and the test-only ones).
 BENCHMARKS = {b.name: b for b in (ImageNet, SUN397, FGVCAircraft, EuroSAT, StanfordCars, Food101, OxfordPets,
                                   OxfordFlowers, Caltech101, DTD, UCF101)}
 SANDBOX_TASKS = {b.name: b for b in (Synthetic, SyntheticCompositions, SyntheticShift)}  # generated
-LOADERS = BENCHMARKS | SANDBOX_TASKS
+# Test-only targets of an ImageNet-trained run (domain generalization), in CoOp's table order.
+DG_TARGETS = {b.name: b for b in (ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR)}
+LOADERS = BENCHMARKS | SANDBOX_TASKS | DG_TARGETS
 
 
 def build_dataset(name, root, shots, seed, cache_dir, templates="photo", sampler="coop", **options):
@@ -36,4 +39,4 @@ def build_dataset(name, root, shots, seed, cache_dir, templates="photo", sampler
     return FewShotDataset(LOADERS[name](root, **options), shots, seed, cache_dir, templates, sampler)
 
 
-__all__ = ["BENCHMARKS", "LOADERS", "SANDBOX_TASKS", "Benchmark", "FewShotDataset", "Record", "build_dataset"]
+__all__ = ["BENCHMARKS", "DG_TARGETS", "LOADERS", "SANDBOX_TASKS", "Benchmark", "FewShotDataset", "Record", "build_dataset"]

@@ -120,20 +120,22 @@ class Benchmark:
         return splits, classnames_of(splits, self.name, self.source)
 
 
-def classnames_of(splits, name, source):
-    """label -> class name over all splits; labels must be 0..C-1, one name each, every class in train."""
+def classnames_of(splits, name, source, needs_train=True):
+    """label -> class name over all splits; labels must be 0..C-1, one name each, every class in train
+    (unless `needs_train` is false: a test-only benchmark)."""
     names = {}
     for records in splits.values():
         for r in records:
             if names.setdefault(r.label, r.classname) != r.classname:
                 raise ValueError(f"{name}: {source} gives label {r.label} two names, {names[r.label]!r} and "
                                  f"{r.classname!r} ({datasets_md(name)})")
-    if not splits["train"] or not splits["test"]:
-        raise ValueError(f"{name}: {source} has an empty train or test split ({datasets_md(name)})")
+    if (needs_train and not splits["train"]) or not splits["test"]:
+        raise ValueError(f"{name}: {source} has an empty {'train or test' if needs_train else 'test'} split "
+                         f"({datasets_md(name)})")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{name}: labels in {source} must be 0..C-1 without gaps, got {sorted(names)[:10]}... "
                          f"({datasets_md(name)})")
-    empty = sorted(set(names) - {r.label for r in splits["train"]})
+    empty = sorted(set(names) - {r.label for r in splits["train"]}) if needs_train else []
     if empty:
         raise ValueError(f"{name}: {len(empty)} class(es) have no training image in {source}, e.g. "
                          f"{names[empty[0]]!r} ({datasets_md(name)})")
@@ -198,10 +200,12 @@ class FewShotDataset:
         splits, self.classnames = benchmark.read()
         self.name, self.shots, self.seed, self.sampler = benchmark.name, shots, seed, sampler
         self.templates = [PHOTO_TEMPLATE] if templates == "photo" else [benchmark.clip_template]
+        self.imagenet_labels = getattr(benchmark, "imagenet_labels", None)  # a domain-generalization target's
         suffix = "" if sampler == "coop" else f"_{sampler}"
         self.cache_file = (Path(cache_dir).expanduser() / "fewshot" / self.name
                            / f"shots{shots}_seed{seed}{suffix}.json")
-        self.train_x, self.val = self._subsets(benchmark, splits)
+        test_only = getattr(benchmark, "test_only", False)  # nothing to draw: it is only evaluated
+        self.train_x, self.val = ([], []) if test_only else self._subsets(benchmark, splits)
         self.test = splits["test"]
         missing = missing_images(self.train_x + self.val + self.test)
         if missing:

@@ -1,6 +1,6 @@
 """Check a data root: which of the 11 benchmarks are usable, and what is missing for the others.
 
-    python -m datasets.check --root $DATA [names ...]
+    python -m datasets.check --root $DATA [names ...]     (names: also imagenet_v2, imagenet_sketch, ...)
 
 For each benchmark it finds the folder (CoOp name or a fork alias), reads the split/annotation files,
 validates labels and paths, and checks that every listed image file exists (it does not decode them).
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import BENCHMARKS
+from . import BENCHMARKS, DG_TARGETS
 from .base import datasets_md, missing_images
 
 
@@ -19,7 +19,7 @@ from .base import datasets_md, missing_images
 def check(name, root):
     """(usable, one-line report) for benchmark `name` under `root`."""
     try:
-        benchmark = BENCHMARKS[name](root)
+        benchmark = (BENCHMARKS | DG_TARGETS)[name](root)
         splits, classnames = benchmark.read()
     except (OSError, ValueError) as e:
         return False, str(e).removeprefix(f"{name}: ")
@@ -33,11 +33,13 @@ def check(name, root):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m datasets.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the data root ($DATA) holding the dataset folders")
-    parser.add_argument("names", nargs="*", metavar="name", help=f"default: all of {', '.join(BENCHMARKS)}")
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help=f"default: all of {', '.join(BENCHMARKS)}; also {', '.join(DG_TARGETS)}")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(BENCHMARKS))
+    unknown = sorted(set(args.names) - set(BENCHMARKS) - set(DG_TARGETS))
     if unknown:
-        parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of {', '.join(BENCHMARKS)}")
+        parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of "
+                     f"{', '.join([*BENCHMARKS, *DG_TARGETS])}")
     if not Path(args.root).expanduser().is_dir():
         print(f"MISSING  data root {args.root} is not a folder; pass the folder that holds the dataset "
               f"folders ({datasets_md('layout')})")

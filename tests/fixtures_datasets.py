@@ -119,3 +119,27 @@ def write_imagenet(root, folder, images="images"):
         (d / images / "train" / wnid / "notes.txt").write_text("not an image")
     return {"dir": d, "classnames": [IMAGENET[w] for w in wnids],
             "counts": {"train": counts(len(wnids), "train"), "val": [0] * len(wnids), "test": [TEST] * len(wnids)}}
+
+
+DG_FOLDERS = {"imagenet_v2": ("imagenetv2", "imagenetv2-matched-frequency-format-val"),
+              "imagenet_sketch": ("imagenet-sketch", "images"), "imagenet_a": ("imagenet-adversarial", "imagenet-a"),
+              "imagenet_r": ("imagenet-rendition", "imagenet-r")}
+DG_SUBSET = ["n01608432", "n01443537", "n01491361"]  # kite, goldfish, tiger shark: ImageNet labels 21, 1, 3
+
+
+def write_imagenet_variant(root, name, per_class=2):
+    """A domain-generalization target in CoOp's layout: -V2's 1000 folders named by ImageNet label,
+    -Sketch's 1000 wnid folders (one image each), or 3 wnid folders of -A / -R (`per_class` images)."""
+    from datasets.imagenet_variants import IMAGENET_WNIDS
+
+    folder, images = DG_FOLDERS[name]
+    d = Path(root) / folder / images
+    if name in ("imagenet_v2", "imagenet_sketch"):
+        for label, wnid in enumerate(IMAGENET_WNIDS):
+            jpeg(d / (str(label) if name == "imagenet_v2" else wnid) / f"{label}.jpeg", label, 0, size=(8, 8))
+    else:
+        for i, wnid in enumerate(DG_SUBSET):
+            for n in range(per_class):
+                jpeg(d / wnid / f"{name}_{i}_{n}.jpg", i, n)
+        (d.parent / "README.txt").write_text("not a class folder")
+    return d

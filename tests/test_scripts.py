@@ -6,9 +6,10 @@ import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ELEVEN = sorted(p.stem for p in (ROOT / "configs" / "dataset").glob("*.yaml") if not p.stem.startswith("synthetic"))
+ELEVEN = sorted(p.stem for p in (ROOT / "configs" / "dataset").glob("*.yaml")
+                if not p.stem.startswith("synthetic") and "test_only: true" not in p.read_text())
 LIST_VARS = ("DATA", "DATASETS", "METHODS", "SHOTS", "SEEDS", "NAME", "VARIANTS", "DENSITIES", "REFRESH_EVERY",
-             "METHOD", "PYTHON", "PROTOCOL")
+             "METHOD", "PYTHON", "PROTOCOL", "TARGETS")
 
 
 def script(name, *args, check=True, **env):
@@ -140,3 +141,20 @@ def test_base_to_novel_lists_every_dataset_at_16_shots_with_the_key():
                 for d in ELEVEN for m in methods for s in (1, 2, 3)}
     zeroshot = [f"name=base_to_novel dataset={d} method=zeroshot base_to_novel=true shots=16 seed=1" for d in ELEVEN]
     assert lines[:11] == zeroshot and set(lines[11:]) == expected and len(lines) == 11 + len(expected)
+
+
+def test_the_eleven_are_the_papers_benchmarks():
+    import datasets
+
+    assert ELEVEN == sorted(datasets.BENCHMARKS) and len(ELEVEN) == 11
+
+
+def test_dg_table_trains_on_imagenet_then_evaluates_each_target():
+    lines = trials("dg_table.sh", METHODS="so zeroshot", SEEDS="1 2")
+    targets = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+    trained_from = "trained_from=${paths.out_root}/${name}/imagenet/${method.name}/${shots}shot/seed${seed}"
+    assert lines == (
+        [f"name=dg_table dataset={d} method=zeroshot shots=16 seed=1" for d in ("imagenet", *targets)]
+        + [f"name=dg_table dataset=imagenet method=so save=true shots=16 seed={s}" for s in (1, 2)]
+        + [f"name=dg_table dataset={d} method=so eval_only=true {trained_from} shots=16 seed={s}"
+           for d in targets for s in (1, 2)])
