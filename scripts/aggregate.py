@@ -13,7 +13,7 @@ Writes to OUT_FOLDER:
 - summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds, ci_low, ci_high).
 - paper.md and paper.csv: measured vs paper, per cell: the mean, the published figure of
   scripts/paper_results.csv and their difference, or "no paper figure" (an Average over other datasets
-  than the 11 is not compared). Rows that are methods are held
+  than the 11 is not compared); not written when no dataset is one of the 11. Rows that are methods are held
   to the paper's main tables, rows that are experiment names (outputs/ablations) to its ablation table.
 - accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
 - base_to_novel.md and base_to_novel.csv, for trials run with base_to_novel: per shot count, rows x
@@ -306,12 +306,14 @@ def main(argv):
         table.to_csv(out / f"table_{shots}shot.csv")
         markdown.append(f"## {shots}-shot\n\n{table.to_markdown()}\n")
     (out / "tables.md").write_text("\n".join(markdown))
-    paper = "main" if rows_are == "method" else "ablation"
-    comparison = compare(summary, paper_figures(paper), datasets)
-    comparison.drop(columns=["std", "ci_low", "ci_high"]).to_csv(out / "paper.csv", index=False)
-    versus_md = [f"## {shots}-shot: measured vs paper ({paper} table)\n\n{table.to_markdown()}\n"
-                 for shots, table in tables(comparison, datasets, rows_are, versus).items()]
-    (out / "paper.md").write_text("\n".join(versus_md))
+    versus_md = []
+    if set(datasets) & set(PAPER_ORDER):  # the paper has figures for its 11 benchmarks only
+        paper = "main" if rows_are == "method" else "ablation"
+        comparison = compare(summary, paper_figures(paper), datasets)
+        comparison.drop(columns=["std", "ci_low", "ci_high"]).to_csv(out / "paper.csv", index=False)
+        versus_md = [f"## {shots}-shot: measured vs paper ({paper} table)\n\n{table.to_markdown()}\n"
+                     for shots, table in tables(comparison, datasets, rows_are, versus).items()]
+        (out / "paper.md").write_text("\n".join(versus_md))
     plot(summary, datasets, out / "accuracy_vs_shots.png")
     b2n = base_to_novel(df, datasets)
     if b2n:
@@ -335,7 +337,8 @@ def main(argv):
           f"(duplicates.txt). Re-running the sweep script launches only the missing trials.")
     if len(diverged):
         print(f"{len(diverged)} diverged trials are left out of every mean (diverged.txt).")
-    print(f"Wrote tables.md, table_<K>shot.csv, summary.csv, paper.md, paper.csv, accuracy_vs_shots.png to {out}")
+    wrote = "tables.md, table_<K>shot.csv, summary.csv, " + ("paper.md, paper.csv, " if versus_md else "")
+    print(f"Wrote {wrote}accuracy_vs_shots.png to {out}")
 
 
 if __name__ == "__main__":

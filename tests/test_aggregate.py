@@ -217,3 +217,10 @@ def test_t975_leaves_two_and_a_half_percent_in_each_tail(dof):
     log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
     density = np.exp(log_c - (dof + 1) / 2 * np.log1p(x**2 / dof))
     assert np.trapezoid(density, x) == pytest.approx(0.95, abs=2e-4)
+
+
+def test_no_paper_comparison_where_the_paper_has_no_dataset(tmp_path, capsys):
+    out = tmp_path / "out"
+    write(out, "sandbox", "synthetic_shift", "so", 4, 1, 40.0)
+    stdout = aggregate(capsys, out)
+    assert not (out / "aggregate" / "paper.md").exists() and "measured vs paper" not in stdout
