@@ -240,9 +240,10 @@ def plot_curves(table, datasets, shots):
         ax.set(title=dataset, xlabel="iteration", ylabel="top-1 (%)")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=min(6, len(rows)))
+    ncol = min(len(rows), 2 * cols)  # a legend as wide as the panels
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=ncol)
     fig.suptitle(f"{shots}-shot")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * -(-len(rows) // 6), 1, 1))
+    fig.tight_layout(rect=(0, (0.3 + 0.3 * -(-len(rows) // ncol)) / fig.get_figheight(), 1, 1))
     return fig
 
 
