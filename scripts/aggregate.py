@@ -8,7 +8,8 @@ Writes to OUT_FOLDER:
 - tables.md and table_<K>shot.csv: one table per shot count, rows = methods (or, when the folder holds
   several experiment names, e.g. outputs/ablations, the names: index "name"), columns = datasets +
   Average, cells "mean ± std" of top-1 over seeds (sample std, ddof=1; a single seed shows the mean only). Average is
-  the mean over datasets per seed, then mean ± std over the seeds that have every dataset.
+  the mean over datasets per seed, then mean ± std over the seeds that have every dataset; where the
+  folder holds domain-generalization targets (scripts/dg_table.sh), over the targets only.
   Zero-shot trials (method zeroshot) train nothing: they fill the zeroshot row of every shot table.
 - summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds, ci_low, ci_high).
 - paper.md and paper.csv: measured vs paper, per cell: the mean, the published figure of
@@ -42,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from datasets import BENCHMARKS  # noqa: E402  (the paper's column order)
+from datasets import BENCHMARKS, DG_TARGETS  # noqa: E402  (the paper's column order)
 
 PAPER_ORDER = list(BENCHMARKS)
 KEY = ["name", "dataset", "method", "shots", "seed"]
@@ -297,9 +298,11 @@ def main(argv):
     if df.empty:
         raise SystemExit(f"aggregate.py: every trial under {folder} diverged (diverged.txt)")
     seen = set(df["dataset"])
-    datasets = [d for d in PAPER_ORDER if d in seen] + sorted(seen - set(PAPER_ORDER))
+    known = PAPER_ORDER + list(DG_TARGETS)  # the paper's order, then CoOp's for the targets
+    datasets = [d for d in known if d in seen] + sorted(seen - set(known))
 
-    summary = summarize(per_shot_scores(df), datasets)
+    averaged = [d for d in datasets if d in DG_TARGETS] or datasets  # DG: the targets' mean, as CoOp's
+    summary = summarize(per_shot_scores(df), averaged)
     summary.to_csv(out / "summary.csv", index=False)
     markdown = []
     rows_are = "method" if df["name"].nunique() == 1 else "name"

@@ -224,3 +224,13 @@ def test_no_paper_comparison_where_the_paper_has_no_dataset(tmp_path, capsys):
     write(out, "sandbox", "synthetic_shift", "so", 4, 1, 40.0)
     stdout = aggregate(capsys, out)
     assert not (out / "aggregate" / "paper.md").exists() and "measured vs paper" not in stdout
+
+
+def test_a_domain_generalization_average_is_over_the_targets(tmp_path, capsys):
+    out = tmp_path / "out"
+    for dataset, top1 in (("imagenet", 70.0), ("imagenet_v2", 60.0), ("imagenet_a", 40.0)):
+        write(out, "dg_table", dataset, "so", 16, 1, top1)
+    aggregate(capsys, out)
+    table = pd.read_csv(out / "aggregate" / "table_16shot.csv", index_col="method", keep_default_na=False)
+    assert list(table.columns) == ["imagenet", "imagenet_v2", "imagenet_a", "Average"]
+    assert table.loc["so"].tolist() == [70.0, 60.0, 40.0, 50.0]  # ImageNet is the source, not averaged
