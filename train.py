@@ -99,8 +99,8 @@ def autocast(precision, device):
 
 def set_tf32(enabled):
     """TF32 matmuls on GPUs that have them, or full fp32 ones (torch's default, and the released
-    code's). cuDNN convolutions (CLIP's patch embedding) keep torch's default, TF32 allowed."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    code's); torch derives torch.backends.cuda.matmul.allow_tf32 from it. cuDNN convolutions (CLIP's
+    patch embedding) keep torch's default, TF32 allowed."""
     torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 

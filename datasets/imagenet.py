@@ -1,3 +1,4 @@
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -7,6 +8,12 @@ from .base import Benchmark, datasets_md, make_record
 
 CLIP_CLASSNAMES = Path(__file__).with_name("imagenet_classes.tsv")  # "<wnid>\t<CLIP's name>", 1000 lines
 CLASSNAMES = ("clip", "file")
+
+
+@functools.cache
+def clip_classnames():
+    """wnid -> CLIP's class name, in ImageNet's label order (the sorted wnids). Read it, do not change it."""
+    return dict(line.split("\t") for line in CLIP_CLASSNAMES.read_text(encoding="utf-8").splitlines())
 
 
 class ImageNet(Benchmark):
@@ -52,7 +59,7 @@ class ImageNet(Benchmark):
 
     def names(self, wnids):
         """wnid -> class name from the chosen list, after comparing the two where both exist."""
-        clip = dict(line.split("\t") for line in CLIP_CLASSNAMES.read_text(encoding="utf-8").splitlines())
+        clip = clip_classnames()
         file = self.read_classnames() if self.classnames_from == "file" or self.source.is_file() else {}
         chosen = clip if self.classnames_from == "clip" else {w: name for w, (name, _) in file.items()}
         unnamed = [w for w in wnids if w not in chosen]

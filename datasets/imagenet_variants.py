@@ -6,10 +6,7 @@ over their own 200 prompts (CoOp's protocol); `imagenet_labels` maps each class 
 import os
 
 from .base import Benchmark, classnames_of, datasets_md, make_record
-from .imagenet import CLIP_CLASSNAMES, ImageNet
-
-IMAGENET_WNIDS = [line.split("\t")[0] for line in CLIP_CLASSNAMES.read_text(encoding="utf-8").splitlines()]
-CLIP_NAMES = dict(line.split("\t") for line in CLIP_CLASSNAMES.read_text(encoding="utf-8").splitlines())
+from .imagenet import ImageNet, clip_classnames
 
 
 class ImageNetVariant(Benchmark):
@@ -21,17 +18,21 @@ class ImageNetVariant(Benchmark):
     all_classes = True
     folder_is_label = False
 
-    def folder_wnid(self, folder):
+    def folder_wnid(self, folder, in_label_order):
+        """The wnid of a class folder (None if it is no ImageNet class), given ImageNet's wnids in label order."""
         if self.folder_is_label:
-            return IMAGENET_WNIDS[int(folder)] if folder.isdigit() and int(folder) < 1000 else None
-        return folder if folder in CLIP_NAMES else None
+            return in_label_order[int(folder)] if folder.isdigit() and int(folder) < len(in_label_order) else None
+        return folder if folder in clip_classnames() else None
 
     def read(self):
         images = self.dir / self.image_dir
         if not images.is_dir():
             raise FileNotFoundError(f"{self.name}: folder {images} is missing ({datasets_md(self.name)})")
         folders = [e.name for e in os.scandir(images) if e.is_dir()]
-        wnids = {f: self.folder_wnid(f) for f in folders}
+        names = clip_classnames()
+        in_label_order = list(names)
+        label_of = {w: i for i, w in enumerate(in_label_order)}  # ImageNet's labels
+        wnids = {f: self.folder_wnid(f, in_label_order) for f in folders}
         unknown = sorted(f for f, w in wnids.items() if w is None)
         if unknown:
             raise ValueError(f"{self.name}: {images} has folders that are no ImageNet class, e.g. {unknown[0]} "
@@ -39,12 +40,12 @@ class ImageNetVariant(Benchmark):
         if not folders or (self.all_classes and len(folders) != 1000):
             raise ValueError(f"{self.name}: {images} holds {len(folders)} class folders, expected "
                              f"{'1000' if self.all_classes else 'some'} ({datasets_md(self.name)})")
-        order = sorted(folders, key=lambda f: IMAGENET_WNIDS.index(wnids[f]))
-        self.imagenet_labels = [IMAGENET_WNIDS.index(wnids[f]) for f in order]
+        order = sorted(folders, key=lambda f: label_of[wnids[f]])
+        self.imagenet_labels = [label_of[wnids[f]] for f in order]
         from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: torchvision imports torch
 
         index = {f: i for i, f in enumerate(order)}
-        test = [make_record(p, y, CLIP_NAMES[wnids[order[y]]])
+        test = [make_record(p, y, names[wnids[order[y]]])
                 for p, y in make_dataset(str(images), index, IMG_EXTENSIONS)]
         splits = {"train": [], "val": [], "test": test}
         return splits, classnames_of(splits, self.name, images, needs_train=False)

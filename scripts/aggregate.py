@@ -44,6 +44,7 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from datasets import BENCHMARKS, DG_TARGETS  # noqa: E402  (the paper's column order)
+from datasets.classes import harmonic_mean  # noqa: E402
 
 PAPER_ORDER = list(BENCHMARKS)
 KEY = ["name", "dataset", "method", "shots", "seed"]
@@ -194,18 +195,17 @@ def base_to_novel(df, datasets):
     if part.empty:
         return {}
     means = part.groupby(["shots", "row", "dataset"])[["top1", "novel_top1"]].mean()
-    hm = lambda b, n: 2 * b * n / (b + n) if b + n else 0.0  # noqa: E731
     out = {}
     for shots, table in means.groupby("shots"):
         rows = {}
         for (_, row, dataset), r in table.iterrows():
             rows.setdefault(row, {}).update({(dataset, "base"): r["top1"], (dataset, "novel"): r["novel_top1"],
-                                             (dataset, "HM"): hm(r["top1"], r["novel_top1"])})
+                                             (dataset, "HM"): harmonic_mean(r["top1"], r["novel_top1"])})
         frame = pd.DataFrame.from_dict(rows, orient="index")
         present = [d for d in datasets if (d, "base") in frame.columns]
         base, novel = frame[[(d, "base") for d in present]].mean(axis=1), frame[[(d, "novel") for d in present]].mean(axis=1)
         frame[("Average", "base")], frame[("Average", "novel")] = base, novel
-        frame[("Average", "HM")] = [hm(b, n) for b, n in zip(base, novel)]
+        frame[("Average", "HM")] = [harmonic_mean(b, n) for b, n in zip(base, novel)]
         columns = [(d, k) for d in present + ["Average"] for k in ("base", "novel", "HM")]
         out[int(shots)] = frame.reindex(index=row_order(frame.index), columns=columns).round(2)
     return out
@@ -221,58 +221,64 @@ def curves(df):
     return stats.agg(mean="mean", std="std", seeds="count").reset_index()
 
 
+def panel_grid(count, rows):
+    """A figure of `count` panels, four per line, unused cells off, and a colour per row label."""
+    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
+    cols = min(4, count)
+    lines = -(-count // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3.4 * lines), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:count], colors
+
+
+def band(ax, x, line, color, label, **style):
+    """The mean of `line` against x, and a band of ± its std."""
+    std = line["std"].fillna(0)
+    ax.plot(x, line["mean"], color=color, label=label, **style)
+    ax.fill_between(x, line["mean"] - std, line["mean"] + std, color=color, alpha=0.2)
+
+
+def legend_below(fig, handles, labels, ncol):
+    """The legend under the panels, with the room its lines take."""
+    fig.legend(handles, labels, loc="lower center", ncol=ncol)
+    fig.tight_layout(rect=(0, (0.3 + 0.3 * -(-len(labels) // ncol)) / fig.get_figheight(), 1, 1))
+
+
 def plot_curves(table, datasets, shots):
     """Top-1 against iterations at `shots`: one panel per dataset, one line (and band) per row."""
     part = table[table["shots"] == shots]
     panels = [d for d in datasets if d in set(part["dataset"])]
     rows = row_order(part["row"].unique())
-    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
-    cols = min(4, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.4 * -(-len(panels) // cols)),
-                             squeeze=False)
-    for ax, dataset in zip(axes.flat, panels):
+    fig, axes, colors = panel_grid(len(panels), rows)
+    for ax, dataset in zip(axes, panels):
         for row in rows:
             line = part[(part["dataset"] == dataset) & (part["row"] == row)].sort_values("iteration")
-            if line.empty:
-                continue
-            std = line["std"].fillna(0)
-            ax.plot(line["iteration"], line["mean"], color=colors[row], label=row)
-            ax.fill_between(line["iteration"], line["mean"] - std, line["mean"] + std, color=colors[row], alpha=0.2)
+            if not line.empty:
+                band(ax, line["iteration"], line, colors[row], row)
         ax.set(title=dataset, xlabel="iteration", ylabel="top-1 (%)")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    ncol = min(len(rows), 2 * cols)  # a legend as wide as the panels
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=ncol)
     fig.suptitle(f"{shots}-shot")
-    fig.tight_layout(rect=(0, (0.3 + 0.3 * -(-len(rows) // ncol)) / fig.get_figheight(), 1, 1))
+    legend_below(fig, *axes[0].get_legend_handles_labels(), ncol=min(len(rows), 2 * min(4, len(panels))))
     return fig
 
 
 def plot(summary, datasets, path):
     panels = datasets + ["Average"]
     rows = row_order(summary["row"].unique())
-    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
     shots = sorted(summary["shots"].unique())
-    cols = min(4, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3.4 * -(-len(panels) // cols)),
-                             squeeze=False)
-    for ax, dataset in zip(axes.flat, panels):
+    fig, axes, colors = panel_grid(len(panels), rows)
+    for ax, dataset in zip(axes, panels):
         part = summary[summary["dataset"] == dataset]
         for row in rows:
             line = part[part["row"] == row].sort_values("shots")
-            std = line["std"].fillna(0)
-            ax.plot(line["shots"], line["mean"], color=colors[row], label=row,
-                    **(dict(linestyle="--") if row == ZEROSHOT else dict(marker="o")))
-            ax.fill_between(line["shots"], line["mean"] - std, line["mean"] + std, color=colors[row], alpha=0.2)
+            band(ax, line["shots"], line, colors[row], row,
+                 **(dict(linestyle="--") if row == ZEROSHOT else dict(marker="o")))
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set(title=dataset, xlabel="shots", ylabel="top-1 (%)")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     handles = [plt.Line2D([], [], color=colors[row], linestyle="--" if row == ZEROSHOT else "-",
                           marker="" if row == ZEROSHOT else "o") for row in rows]
-    fig.legend(handles, rows, loc="lower center", ncol=min(6, len(rows)))
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * -(-len(rows) // 6), 1, 1))
+    legend_below(fig, handles, rows, ncol=min(6, len(rows)))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

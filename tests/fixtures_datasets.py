@@ -130,12 +130,12 @@ DG_SUBSET = ["n01608432", "n01443537", "n01491361"]  # kite, goldfish, tiger sha
 def write_imagenet_variant(root, name, per_class=2):
     """A domain-generalization target in CoOp's layout: -V2's 1000 folders named by ImageNet label,
     -Sketch's 1000 wnid folders (one image each), or 3 wnid folders of -A / -R (`per_class` images)."""
-    from datasets.imagenet_variants import IMAGENET_WNIDS
+    from datasets.imagenet import clip_classnames
 
     folder, images = DG_FOLDERS[name]
     d = Path(root) / folder / images
     if name in ("imagenet_v2", "imagenet_sketch"):
-        for label, wnid in enumerate(IMAGENET_WNIDS):
+        for label, wnid in enumerate(clip_classnames()):
             jpeg(d / (str(label) if name == "imagenet_v2" else wnid) / f"{label}.jpeg", label, 0, size=(8, 8))
     else:
         for i, wnid in enumerate(DG_SUBSET):

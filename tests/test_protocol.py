@@ -26,10 +26,9 @@ def config(tmp_path, *overrides):
 @pytest.fixture
 def matmul_flags():
     """main.build sets torch's global TF32 flags: put them back."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    saved = torch.get_float32_matmul_precision()
     yield
-    torch.backends.cuda.matmul.allow_tf32 = saved[0]
-    torch.set_float32_matmul_precision(saved[1])
+    torch.set_float32_matmul_precision(saved)
 
 
 def learning_rates(cfg, steps):
