@@ -1,14 +1,14 @@
 """Entry point: `python main.py dataset=dtd shots=4 seed=1 method=so paths.data_root=$DATA`.
 
-Composes configs/config.yaml, checks it, seeds everything from `seed`, builds dataset, model and
-method, and runs one trial (train.run) while holding the run folder's lock. A trial whose
-results.json came from the same config is skipped (force=true re-runs it), so re-running a sweep
-completes only what is missing; one from another config is an error naming the keys that differ.
-Mistakes in the config, the data or the weights print one message (HYDRA_FULL_ERROR=1 shows the
-traceback); the checks that need no torch run before it is imported.
+Composes configs/config.yaml (the datasets' configs come from datasets/catalog.py), checks it, says what
+it will build, seeds everything from `seed`, builds dataset, model and method, and runs one trial
+(trial.run) while holding the run folder's lock. A trial whose results.json came from the same config
+is skipped (force=true re-runs it), so re-running a sweep completes only what is missing; one from
+another config is an error naming the keys that differ. Mistakes in the config, the data or the
+weights print one message (HYDRA_FULL_ERROR=1 shows the traceback); the checks that need no torch run
+before it is imported, those that need no model or data before the model and data are built.
 """
 import logging
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -20,10 +20,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from so.runs import RunLock, check_finished
+from datasets.catalog import register_configs
+from so.clip.config import check_run, choice, register_resolvers
+from so.clip.runs import check_finished
+from so.files import RunLock
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
 USER_ERRORS = (ValueError, OSError)  # what a wrong key, data folder or weights file raises
+SANDBOX_RECIPE = ROOT / "configs" / "pretrain_sandbox.yaml"
+register_configs()
+register_resolvers()
 
 
 @contextmanager
@@ -40,35 +47,53 @@ def reported():
 
 
 def checked_config(cfg):
-    """The resolved config as a plain dict, after the checks that need no torch."""
+    """The resolved config as a plain dict, after the checks that need nothing but the config."""
+    from datasets.base import SAMPLERS, TEMPLATES
+
     with open_dict(cfg):
         cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
-    for key, low in (("shots", 1), ("max_iters", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                     ("num_workers", 0), ("iters_per_shot", 1), ("eval_every", 0), ("eval_subset", 0)):
-        value = cfg[key]
-        if (type(value) is not int or value < low) and not (key == "iters_per_shot" and value is None):
-            raise ValueError(f"{key}={value!r}: expected an integer >= {low}.")
-    if type(cfg.seed) is not int:
-        raise ValueError(f"seed={cfg.seed!r}: expected an integer.")
-    stop = cfg.stop_loss
-    if stop is not None and (not isinstance(stop, (int, float)) or isinstance(stop, bool)
-                             or not math.isfinite(stop) or stop < 0):
-        raise ValueError(f"stop_loss={stop!r}: expected a number >= 0, or null for no early stop.")
-    for key, choices in (("tf32", (True, False)), ("crop_from_original", (True, False)),
-                         ("base_to_novel", (True, False))):
-        if cfg[key] not in choices or type(cfg[key]) is not type(choices[0]):
-            raise ValueError(f"{key}={cfg[key]!r}: expected one of {', '.join(map(str, choices))}.")
-    if cfg.dataset.get("test_only") and not cfg.eval_only and cfg.method.kind != "zeroshot":
-        raise ValueError(f"dataset={cfg.dataset.name} has no training split: evaluate a saved ImageNet run on "
-                         f"it with eval_only=true trained_from=<that run's folder> (README, Domain generalization).")
-    if cfg.dataset.root is None:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    check_run(config)
+    choice("dataset.templates", config["dataset"]["templates"], TEMPLATES)
+    choice("fewshot_sampler", config["fewshot_sampler"], SAMPLERS)
+    if config["dataset"].get("test_only") and not config["eval_only"] and config["method"]["kind"] != "zeroshot":
+        raise ValueError(f"dataset={config['dataset']['name']} has no training split: evaluate a saved ImageNet run "
+                         "on it with eval_only=true trained_from=<that run's folder> (README, Domain generalization).")
+    if config["dataset"]["root"] is None:
         raise ValueError("paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
-    root = Path(cfg.dataset.root).expanduser()
-    if not cfg.dataset.generated and not root.is_dir():
+    root = Path(config["dataset"]["root"]).expanduser()
+    if not config["dataset"]["generated"] and not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set paths.data_root "
                                 "to the folder that holds the dataset folders (DATASETS.md#layout)")
-    return OmegaConf.to_container(cfg, resolve=True)
+    return config
+
+
+def check_parts(config):
+    """The checks that need torch but no model or data: the method, the optimizer, their pairing,
+    precision, compile, the logger."""
+    from so.clip.methods import check_method
+    from so.clip.optimizers import check_optimizer
+    from so.clip.runtime import COMPILE_MODES, check_precision
+    from so.clip.tracking import resolve_mode
+
+    check_method(config["method"], config["optimizer"])
+    check_optimizer(config["optimizer"])
+    check_precision(config["precision"], bool(config["optimizer"].get("step_in_backward")))
+    choice("compile", config["compile"], COMPILE_MODES)
+    resolve_mode(config["logger"]["mode"])
+
+
+def describe(config, run_dir):
+    """One line: what this trial builds and where it writes."""
+    method, optimizer, model = config["method"], config["optimizer"], config["model"]
+    trains = {"weights": "CLIP's weight matrices", "lora": "LoRA adapters", "relora": "ReLoRA adapters",
+              "zeroshot": "nothing"}.get(method["kind"], method["kind"])
+    steps = f", stepped by optimizer={optimizer['name']}" if method["kind"] != "zeroshot" else ""
+    weights = model["pretrained"] or "random weights"
+    return (f"{config['dataset']['name']} {config['shots']}-shot seed {config['seed']}: method={method['name']} "
+            f"({trains}{steps}), model {model['name']} ({weights}), protocol "
+            f"{HydraConfig.get().runtime.choices.get('protocol')} -> {run_dir}")
 
 
 class OutputFolderCheck(Callback):
@@ -94,6 +119,8 @@ def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
         config = checked_config(cfg)
+        log.info("%s", describe(config, run_dir))
+        check_parts(config)
     lock = RunLock(run_dir)
     with lock as held:
         if not held:
@@ -105,10 +132,10 @@ def main(cfg: DictConfig):
                 log.info("Skipping %s: results.json exists, from this config (force=true re-runs it).",
                          run_dir)
                 return
-            parts = build(cfg, config)
-        import train
+            parts = build(cfg)
+        import trial
 
-        results = train.run(cfg, config, *parts, run_dir)
+        results = trial.run(cfg, parts, run_dir)
     if results["status"] == "diverged":
         print(f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}: "
               f"DIVERGED at iteration {results['diverged_at']} -> {run_dir / 'results.json'}")
@@ -120,21 +147,20 @@ def main(cfg: DictConfig):
           f"({results['iterations']} iterations) -> {run_dir / 'results.json'}")
 
 
-def build(cfg, config):
-    """Seed everything, then the trial's parts: (model, eval_transform, tokenizer, dataset, method,
-    device). torch and the rest are imported here, after the quick checks."""
-    import torch
-
-    import train
+def build(cfg):
+    """Seed everything, then the trial's parts (trial.Parts). torch and the rest are imported here,
+    after the checks."""
     from datasets import build_dataset
-    from scripts.pretrain_sandbox import build_if_missing
-    from so.methods import build_method
-    from so.model import build_clip
+    from so.clip.methods import build_method
+    from so.clip.model import build_clip
+    from so.clip.runtime import resolve_device, resolve_precision, seed_everything, set_tf32
+    from trial import Parts
 
-    train.seed_everything(cfg.seed)
-    train.set_tf32(cfg.tf32)
-    device = train.resolve_device(cfg.device)
-    train.resolve_precision(cfg.precision, device)  # a wrong value fails here, named
+    seed_everything(cfg.seed)
+    set_tf32(cfg.tf32)
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)
+    config = OmegaConf.to_container(cfg, resolve=True)
     options = {k: v for k, v in config["dataset"].items()
                if k not in ("name", "root", "templates", "generated", "test_only")}
     dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
@@ -145,8 +171,39 @@ def build(cfg, config):
     model, eval_transform, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, device=device,
                                                   allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    method = build_method(config["method"], model, seed=cfg.seed)
-    return model, eval_transform, tokenizer, dataset, method, device
+    method = build_method(config["method"], config["optimizer"], model, seed=cfg.seed)
+    return Parts(model, eval_transform, tokenizer, dataset, method, device)
+
+
+def recipe(**overrides):
+    """The arguments of so.clip.pretrain.pretrain but `batches`: configs/pretrain_sandbox.yaml with
+    `overrides`, which must name `out` (the file's own default needs the paths group, which only a
+    Hydra run composes)."""
+    from so.clip.pretrain import RECIPE
+
+    config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(SANDBOX_RECIPE), overrides), resolve=True)
+    return {k: config[k] for k in RECIPE}
+
+
+def build_if_missing(path, model):
+    """Pretrain the sandbox model `model` into `path` on the synthetic world with
+    configs/pretrain_sandbox.yaml, unless `path` exists."""
+    from datasets.synthetic import pretraining_batch
+    from so.clip import pretrain
+
+    path = Path(path).expanduser()
+    if path.is_file():
+        return
+    log.warning("%s is missing: pretraining it now with %s (minutes on a CPU).", path, SANDBOX_RECIPE.name)
+    pretrain.pretrain(**recipe(out=str(path), model=model), batches=pretraining_batch)
+
+
+def compose(*overrides):
+    """The trial config of `overrides`, composed as `python main.py` would (for tests and benchmarks)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("config", list(overrides))
 
 
 if __name__ == "__main__":

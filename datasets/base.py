@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from so.runs import write_json_atomic
+from so.files import write_json_atomic
 
 TEMPLATES = ("photo", "clip")
 PHOTO_TEMPLATE = "a photo of a {}."
@@ -118,6 +118,15 @@ class Benchmark:
         """Validated splits and the class names (index = label)."""
         splits = self.read_splits()
         return splits, classnames_of(splits, self.name, self.source)
+
+
+class SplitJSONBenchmark(Benchmark):
+    """A benchmark that differs from the others only in where its files are: a datasets.catalog.SplitJSON."""
+
+    def __init__(self, name, layout, root):
+        self.name = name
+        self.folders, self.image_dir, self.split_file, self.clip_template = layout
+        super().__init__(root)
 
 
 def classnames_of(splits, name, source, needs_train=True):

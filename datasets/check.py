@@ -11,15 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import BENCHMARKS, DG_TARGETS
 from .base import datasets_md, missing_images
+from .catalog import BENCHMARKS, DG_TARGETS
+from .loaders import LOADERS
 
 
 
 def check(name, root):
     """(usable, one-line report) for benchmark `name` under `root`."""
     try:
-        benchmark = (BENCHMARKS | DG_TARGETS)[name](root)
+        benchmark = LOADERS[name](root)
         splits, classnames = benchmark.read()
     except (OSError, ValueError) as e:
         return False, str(e).removeprefix(f"{name}: ")

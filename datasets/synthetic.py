@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from so.runs import write_atomic, write_json_atomic
+from so.files import write_atomic, write_json_atomic
 
 from .base import Benchmark
 

@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from datasets import BENCHMARKS, DG_TARGETS  # noqa: E402  (the paper's column order)
+from datasets.catalog import BENCHMARKS, DG_TARGETS  # noqa: E402  (the paper's column order)
 from datasets.classes import harmonic_mean  # noqa: E402
 
 PAPER_ORDER = list(BENCHMARKS)
@@ -112,8 +112,14 @@ def missing_trials(df):
     zs_have = df.loc[df["method"] == ZEROSHOT, ["name", "dataset"]].drop_duplicates()
     zs_lost = zs_grid.merge(zs_have, how="left", on=["name", "dataset"], indicator=True).query("_merge == 'left_only'")
     both = pd.concat([zs_lost, lost])
-    return [f"name={r.name} dataset={r.dataset} method={r.method} shots={int(r.shots)} seed={int(r.seed)}"
+    return [f"name={r.name} dataset={r.dataset} {method_overrides(r.method)} shots={int(r.shots)} seed={int(r.seed)}"
             for r in both.itertuples()]
+
+
+def method_overrides(label):
+    """The overrides that run a method of results.json: lora -> method=lora, lora+so -> method=lora optimizer=so."""
+    method, _, optimizer = label.partition("+")
+    return f"method={method}" + (f" optimizer={optimizer}" if optimizer else "")
 
 
 def per_shot_scores(df):

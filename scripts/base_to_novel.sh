@@ -17,7 +17,7 @@
 #   PYTHON    interpreter, default: python
 source "$(dirname "$0")/_sweep.sh"
 
-DATASETS="${DATASETS:-$BENCHMARKS}"
+DATASETS="${DATASETS:-$(benchmarks)}"
 METHODS="${METHODS:-so relora lora galore adam zeroshot}"
 SHOTS="${SHOTS:-16}"
 SEEDS="${SEEDS:-1 2 3}"

@@ -14,9 +14,9 @@ over Adam's in the same round. Optimizer `so_in_backward` is SO as the harness r
 (step_in_backward): each gradient is read at its support first, as the hooks do inside backward
 (median `read_ms` for all 96), and the times are those of the step that follows.
 
-`galore` (so/galore.py, --galore-rank, --galore-gap) steps on the same 96 tensors, in the same rounds;
+`galore` (so/clip/galore.py, --galore-rank, --galore-gap) steps on the same 96 tensors, in the same rounds;
 its timed steps reuse the projections, and `refresh_ms` is one step that recomputes all 96 (an SVD
-each, one step in --galore-gap). `relora` (so/relora.py) steps AdamW on the rank-2 LoRA factors of
+each, one step in --galore-gap). `relora` (so/clip/relora.py: ReLoRA's restarts on AdamW) steps AdamW on the rank-2 LoRA factors of
 the 72 q, k, v projections instead, timed on its own; `reset_ms` is one merge and restart of all 72
 (one step in reset_every). state_bytes: every tensor the optimizer keeps (GaLore: its projections too).
 """
@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 from so import SO  # noqa: E402
-from so.galore import GaLore  # noqa: E402
-from so.relora import ReLoRA  # noqa: E402
+from so.clip.galore import GaLore  # noqa: E402
+from so.clip.relora import Restarts  # noqa: E402
 
 TOWERS = {"vision": 768, "text": 512}  # width; 12 blocks each
 CLIP_VIT_B16_NUMEL = 122_683_392
@@ -69,9 +69,10 @@ def bench_relora(device, repeats, common):
     grads = [torch.randn_like(p) for p in params]
     adapters = [m for m in layers.modules() if isinstance(m, LoraLayer)]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = ReLoRA(params, adapters, reset_every=10**9, restart_warmup=0, prune_ratio=0.9, lr=1e-6, **fast)
+    opt = torch.optim.AdamW(params, lr=1e-6, **fast)
+    restarts = Restarts(adapters, opt, reset_every=10**9, restart_warmup=0, prune_ratio=0.9)
     steps = [time_step(opt, params, grads, device) for _ in range(max(2, repeats) + 2)][2:]
-    resets = [_timed(opt.reset, device)[0] for _ in range(3)]
+    resets = [_timed(restarts.reset, device)[0] for _ in range(3)]
     return dict(common, optimizer="relora", tensors=len(params), numel=sum(p.numel() for p in params),
                 density=1.0, median_ms=statistics.median(t[0] for t in steps),
                 mean_ms=statistics.fmean(t[0] for t in steps), cpu_ms=statistics.median(t[1] for t in steps),

@@ -6,8 +6,9 @@ class count, on a randomly initialised CLIP (no weights needed) with synthetic i
     python scripts/bench_train_step.py --json --model vit_l14        # any configs/model/ backbone
 
 One JSON object per line: method, classes, s_per_iter (median over --iters timed iterations after
---warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. The methods' configs are
-composed with Hydra, as main.py composes them.
+--warmup), peak_gib (CUDA only), device, model, precision, batch_size, compile. --methods takes method
+presets (configs/method/) and METHOD+OPTIMIZER pairs (e.g. lora+so: SO on LoRA's factors); their
+configs are composed as main.py composes them.
 """
 import argparse
 import json
@@ -19,16 +20,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datasets.pipeline import square_size  # noqa: E402
-from so.methods import build_method  # noqa: E402
-from so.model import build_clip  # noqa: E402
-from train import COMPILE_MODES, Prompts, autocast, compile_loss, set_tf32, train_step  # noqa: E402
+from main import compose  # noqa: E402
+from so.clip.methods import build_method  # noqa: E402
+from so.clip.model import build_clip  # noqa: E402
+from so.clip.runtime import COMPILE_MODES, autocast, compiled, set_tf32  # noqa: E402
+from so.clip.step import Prompts, forward_loss, train_step  # noqa: E402
 
 MODELS = {"vit_b16": "ViT-B-16-quickgelu", "vit_b32": "ViT-B-32-quickgelu", "vit_l14": "ViT-L-14-quickgelu",
           "vit_b16_laion": "ViT-B-16", "tiny": "so-tiny", "tiny_l14": "so-tiny-l14"}  # configs/model/ names
@@ -42,8 +44,11 @@ def class_names(count, seed=0):
 
 
 def method_config(name):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return OmegaConf.to_container(compose(overrides=[f"+method={name}"]).method, resolve=True)
+    """(method, optimizer) configs of a preset name or a METHOD+OPTIMIZER pair, as main.py composes them."""
+    method, _, optimizer = name.partition("+")
+    cfg = OmegaConf.to_container(compose("dataset=synthetic", f"method={method}",
+                                         *([f"optimizer={optimizer}"] if optimizer else [])), resolve=True)
+    return cfg["method"], cfg["optimizer"]
 
 
 def sync(device):
@@ -54,8 +59,7 @@ def sync(device):
 def bench(method_name, classes, model_name, device, precision, batch_size, iters, warmup, compile_mode):
     torch.manual_seed(0)
     model, _, tokenizer = build_clip(MODELS[model_name], None, device=device)
-    cfg = method_config(method_name)
-    method = build_method(cfg, model, seed=0)
+    method = build_method(*method_config(method_name), model, seed=0)
     dataset = SimpleNamespace(classnames=class_names(classes), templates=["a photo of a {}."])
     prompts = Prompts(dataset, tokenizer, device)
     size = square_size(model.visual.image_size)
@@ -66,7 +70,7 @@ def bench(method_name, classes, model_name, device, precision, batch_size, iters
         with torch.no_grad(), autocast(precision, device):
             text = prompts.embeddings(model)
     model.train()
-    loss_fn = compile_loss(compile_mode)  # compiled during the warm-up iterations
+    loss_fn = compiled(forward_loss, compile_mode)  # compiled during the warm-up iterations
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -32,6 +32,6 @@ if [[ -n $trained ]]; then
   sweep "$NAME" imagenet "$trained" "$SHOTS" "$SEEDS" save=true
   # shellcheck disable=SC2016  # Hydra resolves the interpolation per trial
   sweep "$NAME" "$TARGETS" "$trained" "$SHOTS" "$SEEDS" eval_only=true \
-    'trained_from=${paths.out_root}/${name}/imagenet/${method.name}/${shots}shot/seed${seed}'
+    'trained_from=${paths.out_root}/${name}/imagenet/${method.label}/${shots}shot/seed${seed}'
 fi
 finish

@@ -29,7 +29,7 @@ if [[ ! -v "PROTOCOL_METHODS[$PROTOCOL]" ]]; then
   echo "main_table.sh: unknown PROTOCOL '$PROTOCOL' (expected one of: ${!PROTOCOL_METHODS[*]})" >&2
   exit 2
 fi
-DATASETS="${DATASETS:-$BENCHMARKS}"
+DATASETS="${DATASETS:-$(benchmarks)}"
 METHODS="${METHODS:-${PROTOCOL_METHODS[$PROTOCOL]}}"
 SHOTS="${SHOTS:-1 2 4 8 16}"
 SEEDS="${SEEDS:-1 2 3}"

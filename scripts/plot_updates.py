@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import seed_everything  # noqa: E402
-from so.model import build_clip  # noqa: E402
+from so.clip.model import build_clip  # noqa: E402
+from so.clip.runtime import seed_everything  # noqa: E402
 
 BLOCK = re.compile(r"^(?P<tower>.+)\.resblocks\.(?P<block>\d+)\.(?P<weight>.+)$")
 TOWERS = {"visual.transformer": "vision", "transformer": "text"}

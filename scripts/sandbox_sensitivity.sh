@@ -12,7 +12,7 @@
 #   --dry-run         list the trials, one per line on stdout (totals on stderr); launch nothing
 #   HYDRA_OVERRIDE    added to every trial, e.g. logger=none num_workers=0, paths.cache_dir=...
 # Environment (space-separated lists):
-#   DENSITIES  SO's method.optimizer.density, default: "5e-4 5e-3 5e-2 2e-1"
+#   DENSITIES  SO's optimizer.density, default: "5e-4 5e-3 5e-2 2e-1"
 #   RANKS      LoRA's method.rank, default: "1 2 4 8"
 #   DATASETS   default: "synthetic_compositions synthetic_shift"
 #   SHOTS      default: "1 4"
@@ -32,7 +32,7 @@ parse_args "$@"
 STUDY=(model=tiny_pretrained max_iters=300 stop_loss=null eval_every=25)  # the sandbox table's budget
 pretrain_sandbox
 for density in $DENSITIES; do
-  sweep "$NAME/so_density$density" "$DATASETS" so "$SHOTS" "$SEEDS" "method.optimizer.density=$density" "${STUDY[@]}"
+  sweep "$NAME/so_density$density" "$DATASETS" so "$SHOTS" "$SEEDS" "optimizer.density=$density" "${STUDY[@]}"
 done
 for rank in $RANKS; do
   sweep "$NAME/lora_rank$rank" "$DATASETS" lora "$SHOTS" "$SEEDS" "method.rank=$rank" "${STUDY[@]}"

@@ -9,8 +9,8 @@
 #   HYDRA_OVERRIDE    added to every trial, e.g. hydra/launcher=slurm, max_iters=1000
 # Environment (space-separated lists):
 #   DATA           data root holding the benchmark folders (DATASETS.md), or pass paths.data_root=...
-#   DENSITIES      method.optimizer.density values, default: "1e-5 5e-5 1e-4 5e-4 1e-3"
-#   REFRESH_EVERY  method.optimizer.refresh_every values, default: "1 5 10 20 50"
+#   DENSITIES      optimizer.density values, default: "1e-5 5e-5 1e-4 5e-4 1e-3"
+#   REFRESH_EVERY  optimizer.refresh_every values, default: "1 5 10 20 50"
 #   DATASETS       default: "dtd eurosat oxford_pets"
 #   SHOTS          default: "4"
 #   SEEDS          default: "1 2 3"
@@ -31,7 +31,7 @@ parse_args "$@"
 for density in $DENSITIES; do
   for refresh_every in $REFRESH_EVERY; do
     sweep "$NAME/density${density}_refresh${refresh_every}" "$DATASETS" "$METHOD" "$SHOTS" "$SEEDS" \
-      "method.optimizer.density=$density" "method.optimizer.refresh_every=$refresh_every"
+      "optimizer.density=$density" "optimizer.refresh_every=$refresh_every"
   done
 done
 finish

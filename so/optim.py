@@ -49,7 +49,7 @@ class SO(Optimizer):
                         refresh_every=refresh_every, grad_selection=grad_selection,
                         moment_selection=moment_selection, support=support, momentum=momentum,
                         dense=False, impl=impl)
-        check_group(defaults, "SO()")
+        check_group(defaults, "SO")
         device = generator.device if generator is not None else "cpu"
         self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
         self._batches = {}  # id(group) -> {batch key: BatchedState} (impl="batched")
@@ -93,7 +93,7 @@ class SO(Optimizer):
         super().__setstate__(state)
 
     def add_param_group(self, param_group):
-        check_group({**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
+        check_group({**self.defaults, **param_group}, f"SO param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         if self._warn_now:
             warn_tiny(self.param_groups[-1:])
@@ -340,7 +340,7 @@ def warn_tiny(groups):
 
 def check_group(group, where):
     def fail(key, expected):
-        raise ValueError(f"SO: {where}: {key!r} must be {expected}, got {group[key]!r}")
+        raise ValueError(f"{key}={group[key]!r}: expected {expected} ({where})")
 
     def number(key):
         return isinstance(group[key], (int, float)) and not isinstance(group[key], bool)

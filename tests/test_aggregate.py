@@ -101,6 +101,14 @@ def test_missing_and_duplicate_trials_are_listed(main_table, tmp_path, capsys):
     assert one.loc["adam", "dtd"] == "44.00 ± 1.00" and one.loc["zeroshot"].tolist() == ["60.00", "", ""]
 
 
+def test_a_missing_trial_of_a_method_optimizer_pair_is_listed_as_its_two_overrides(tmp_path, capsys):
+    for method, seed in (("lora+so", 1), ("lora", 1), ("lora", 2)):
+        write(tmp_path / "out", "seam", "dtd", method, 4, seed, 50.0)
+    aggregate(capsys, tmp_path / "out", tmp_path / "agg")
+    assert (tmp_path / "agg" / "missing.txt").read_text().splitlines() == [
+        "name=seam dataset=dtd method=lora optimizer=so shots=4 seed=2"]
+
+
 def test_diverged_trials_are_listed_apart_and_left_out_of_the_means(main_table, tmp_path, capsys):
     diverged = write(main_table, "main_table", "dtd", "so", 1, 2, None, status="diverged", diverged_at=7)
     stdout = aggregate(capsys, main_table, tmp_path / "agg")

@@ -3,16 +3,16 @@ import json
 
 import pytest
 
-import train
+import trial
 from tests.test_aggregate import aggregate, aggregate_module, write
 from tests.test_main import DEMO, main_py, results
 
 
 def test_eval_subset_is_the_same_images_for_the_same_seed():
     records = list(range(100))
-    a, b, c = (train.eval_subset(records, 10, seed) for seed in (1, 1, 2))
+    a, b, c = (trial.eval_subset(records, 10, seed) for seed in (1, 1, 2))
     assert a == b and a != c and len(a) == 10 == len(set(a)) and a == sorted(a)  # split order
-    assert train.eval_subset(records, 0, 1) is records and train.eval_subset(records, 100, 1) is records
+    assert trial.eval_subset(records, 0, 1) is records and trial.eval_subset(records, 100, 1) is records
 
 
 @pytest.mark.slow

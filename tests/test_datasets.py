@@ -107,8 +107,8 @@ def synthetic_root(tmp_path_factory):
 
 def test_synthetic_goes_through_the_split_json_loader(tmp_path, synthetic_root):
     ds = datasets.build_dataset("synthetic", synthetic_root, 4, 1, tmp_path)
-    assert issubclass(datasets.SANDBOX_TASKS["synthetic"], Benchmark)  # and it uses the shared split-JSON reader
-    assert datasets.SANDBOX_TASKS["synthetic"].read_splits is Benchmark.read_splits
+    assert issubclass(datasets.LOADERS["synthetic"], Benchmark)  # and it uses the shared split-JSON reader
+    assert datasets.LOADERS["synthetic"].read_splits is Benchmark.read_splits
     assert len(ds.classnames) == 8 and ds.classnames[0] == "red circle" and ds.classnames[-1] == "pink heart"
     assert per_class(ds.test, 8) == [20] * 8 and per_class(ds.train_x, 8) == [4] * 8
     split = json.loads((synthetic_root / synthetic.SPLIT_FILE).read_text())

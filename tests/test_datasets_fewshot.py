@@ -43,7 +43,7 @@ def test_different_seeds_give_different_subsets(tmp_path, data):
 
 
 def test_train_is_drawn_first_then_val_from_one_seeded_generator(tmp_path, data):
-    splits, _ = datasets.BENCHMARKS["dtd"](data).read()
+    splits, _ = datasets.LOADERS["dtd"](data).read()
     ds = datasets.build_dataset("dtd", data, 3, 5, tmp_path)
     rng = random.Random(5)
     assert ds.train_x == sample_fewshot(splits["train"], 3, rng)
@@ -57,7 +57,7 @@ def test_cache_file_is_written_and_reused(tmp_path, data):
     assert saved["train"] == [[Path(r.path).relative_to(data / "dtd").as_posix(), r.label] for r in first.train_x]
     assert saved["train"][0][0].startswith("images/")  # relative to the dataset folder: portable
     # Point the cache at other (valid) images: a rebuild must return exactly those, not resample.
-    splits, _ = datasets.BENCHMARKS["dtd"](data).read()
+    splits, _ = datasets.LOADERS["dtd"](data).read()
     unused = [r for r in splits["train"] if r not in first.train_x]
     saved["train"][0] = [Path(unused[0].path).relative_to(data / "dtd").as_posix(), unused[0].label]
     cache.write_text(json.dumps(saved))

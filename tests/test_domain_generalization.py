@@ -54,7 +54,7 @@ def test_a_saved_imagenet_run_is_evaluated_on_each_target(tmp_path):
     data = tmp_path / "data"
     write_benchmark(data, "imagenet")
     write_imagenet_variant(data, "imagenet_a", per_class=4)
-    common = [*FAST, f"paths.data_root={data}", "method=adam", "method.optimizer.lr=1e-3", "shots=2", "name=dg"]
+    common = [*FAST, f"paths.data_root={data}", "method=adam", "optimizer.lr=1e-3", "shots=2", "name=dg"]
     main_py(tmp_path, *common, "dataset=imagenet", "save=true")
     source = tmp_path / "out" / "dg" / "imagenet" / "adam" / "2shot" / "seed1"
     trained = json.loads((source / "results.json").read_text())

@@ -4,8 +4,8 @@ import pytest
 import torch
 from pytorch_optimizer import GaLore as LibraryGaLore
 
-from so.galore import GaLore
-from so.methods import build_method
+from so.clip.galore import GaLore
+from so.clip.methods import build_method
 from tests.test_methods import fresh, method_cfg, tiny, train_step  # noqa: F401 (fixture)
 
 SHAPES = [(24, 8), (8, 24), (12, 12), (12,)]  # tall, wide, square matrices and a bias
@@ -32,7 +32,7 @@ def run(optimizer, ps, grads, each_step=None):
 
 def test_moments_have_the_projected_shape_on_the_tiny_clip(tiny):
     model = fresh(tiny)
-    method = build_method(method_cfg("galore", "method.optimizer.lr=1e-3"), model, 0)
+    method = build_method(*method_cfg("galore", "optimizer.lr=1e-3"), model, 0)
     assert method.trainable_params == sum(p.numel() for p in method.trainable.values())
     before = {n: p.detach().clone() for n, p in method.trainable.items()}
     train_step(model, method, tiny)

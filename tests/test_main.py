@@ -108,7 +108,7 @@ def test_a_result_of_another_config_is_not_reused(tmp_path):
     (path, first), = results(tmp_path).items()
     again = main_py(tmp_path, *DEMO, "num_workers=1", f"paths.cache_dir={tmp_path / 'cache'}")  # same trial
     assert "results.json exists, from this config" in again.stderr
-    for change, key in (("method.optimizer.lr=1e-3", "method.optimizer.lr: 0.0002 there, 0.001 now"),
+    for change, key in (("optimizer.lr=1e-3", "optimizer.lr: 0.0002 there, 0.001 now"),
                         ("model=tiny_pretrained", "model.name: 'so-tiny' there, 'so-sandbox' now"),
                         ("max_iters=5", "max_iters: 4 there, 5 now")):
         proc = main_py(tmp_path, *DEMO, change, check=False)
@@ -120,14 +120,14 @@ def test_a_result_of_another_config_is_not_reused(tmp_path):
 
 
 def test_a_diverged_trial_is_marked_with_no_bare_nan_and_the_sweep_goes_on(tmp_path):
-    proc = main_py(tmp_path, *DEMO, "method=so,adam", "method.optimizer.lr=1e30", "max_iters=40", multirun=True)
+    proc = main_py(tmp_path, *DEMO, "method=so,adam", "optimizer.lr=1e30", "max_iters=40", multirun=True)
     texts = {p: (tmp_path / "out" / p).read_text() for p in results(tmp_path)}
     assert len(texts) == 2 and "DIVERGED" in proc.stdout + proc.stderr
     for path, text in texts.items():
         res = json.loads(text, parse_constant=lambda c: pytest.fail(f"{path}: bare {c}"))
         assert res["status"] == "diverged" and res["top1"] is None and 1 <= res["diverged_at"] < 40
         assert res["iterations"] == res["diverged_at"] and isinstance(res["zeroshot_top1"], float)
-    proc = main_py(tmp_path, *DEMO, "method=adam", "method.optimizer.lr=1e30", "max_iters=40")
+    proc = main_py(tmp_path, *DEMO, "method=adam", "optimizer.lr=1e30", "max_iters=40")
     assert "results.json exists" in proc.stderr  # a diverged trial is done: re-runs skip it
 
 
@@ -177,7 +177,7 @@ def test_two_identical_trials_launched_together_train_once(tmp_path):
 
 def test_a_killed_trials_lock_does_not_block_the_rerun(tmp_path):
     run_dir = tmp_path / "out" / "demo" / "synthetic" / "adam" / "4shot" / "seed1"
-    code = ("import sys, time; from so.runs import RunLock\n"
+    code = ("import sys, time; from so.files import RunLock\n"
             "with RunLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from so.lora import SplitAttention
-from so.methods import block_indices, build_method, load_trained, save_trained, select_weights
-from so.model import build_clip, encode_text, tokenize
+from main import compose
+from so.clip.lora import SplitAttention
+from so.clip.methods import block_indices, build_method, load_trained, save_trained, select_weights
+from so.clip.model import build_clip, encode_text, tokenize
 
 METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method"
 BLOCKS = {"all": list(range(12)), "bottom": [0, 1, 2, 3], "mid": [4, 5, 6, 7], "up": [8, 9, 10, 11],
@@ -21,8 +21,9 @@ PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a small red bir
 
 
 def method_cfg(name, *overrides):
-    with initialize_config_dir(config_dir=str(METHOD_DIR.parent), version_base="1.3"):
-        return OmegaConf.to_container(compose(overrides=[f"+method={name}", *overrides]).method, resolve=True)
+    """(method, optimizer) configs of preset `name` with `overrides`, composed as main.py composes them."""
+    cfg = OmegaConf.to_container(compose("dataset=synthetic", f"method={name}", *overrides), resolve=True)
+    return cfg["method"], cfg["optimizer"]
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +61,42 @@ def snapshot(model):
 
 
 def test_configs_compose_with_their_defaults():
-    assert OmegaConf.load(METHOD_DIR / "so.yaml").optimizer.density == 5e-4
-    cli = method_cfg("so_reference_cli")
+    assert OmegaConf.load(METHOD_DIR.parent / "optimizer" / "so.yaml").density == 5e-4
+    method, cli = method_cfg("so_reference_cli")
+    assert [method[k] for k in ("name", "kind", "label")] == ["so_reference_cli", "weights", "so_reference_cli"]
     assert [cli[k] for k in ("name", "kind", "step_in_backward")] == ["so_reference_cli", "so", True]
-    assert [cli["optimizer"][k] for k in ("density", "refresh_every")] == [5e-5, 5]
-    assert [cli["optimizer"][k] for k in ("lr", "grad_selection")] == [2e-4, "random"]  # from so.yaml
-    dora = method_cfg("dora")
-    assert [dora[k] for k in ("name", "kind", "dora")] == ["dora", "lora", True]
+    assert [cli[k] for k in ("density", "refresh_every")] == [5e-5, 5]
+    assert [cli[k] for k in ("lr", "grad_selection")] == [2e-4, "random"]  # from optimizer/so.yaml
+    dora, adamw = method_cfg("dora")
+    assert [dora[k] for k in ("name", "kind", "dora", "label")] == ["dora", "lora", True, "dora"]
     assert [dora[k] for k in ("rank", "alpha", "dropout")] == [2, 1, 0.25]  # from lora.yaml
-    assert dora["optimizer"]["weight_decay"] == 1e-2
-    relora = method_cfg("relora")
+    assert (adamw["name"], adamw["weight_decay"]) == ("adamw", 1e-2)
+    relora, adamw = method_cfg("relora")
     assert [relora[k] for k in ("name", "kind", "rank", "targets", "dora")] == ["relora", "relora", 2, ["q", "k", "v"],
                                                                               False]
-    assert relora["optimizer"] == {"lr": 2e-4, "betas": [0.9, 0.999], "weight_decay": 1e-2, "reset_every": 500,
-                                   "restart_warmup": 10, "prune_ratio": 0.9, "prune_together": True}
+    assert [relora[k] for k in ("reset_every", "restart_warmup", "prune_ratio", "prune_together")] == [500, 10, 0.9,
+                                                                                                       True]
+    assert adamw == {"name": "adamw", "kind": "adamw", "lr": 2e-4, "betas": [0.9, 0.999], "weight_decay": 1e-2}
+
+
+@pytest.mark.parametrize("path", sorted(METHOD_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_preset_names_the_optimizer_it_steps_with(path):
+    """A preset's default_optimizer is the optimizer its defaults choose: its runs keep their name,
+    another optimizer= is named <method>+<optimizer>."""
+    method, optimizer = method_cfg(path.stem)
+    assert method["default_optimizer"] == optimizer["name"] and method["label"] == method["name"] == path.stem
+    other = "adam" if optimizer["name"] != "adam" else "adamw"
+    if method["kind"] != "zeroshot":
+        assert method_cfg(path.stem, f"optimizer={other}")[0]["label"] == f"{path.stem}+{other}"
 
 
 def test_method_configs_are_plain_yaml_floats():
     """Floats are written 2.0e-4, not 2e-4, so plain YAML loaders (the benchmarks) read numbers too."""
     import yaml
 
-    for path in METHOD_DIR.glob("*.yaml"):
+    for path in [*METHOD_DIR.glob("*.yaml"), *METHOD_DIR.parent.glob("optimizer/*.yaml")]:
         cfg = yaml.safe_load(path.read_text())
-        for key, value in [*cfg.items(), *cfg.get("optimizer", {}).items()]:
+        for key, value in cfg.items():
             assert not (isinstance(value, str) and value[:1].isdigit()), f"{path.name}: {key}={value!r}"
 
 
@@ -104,15 +118,15 @@ def test_selection_for_every_encoder_and_position(tiny, encoder):
 def test_invalid_settings_name_the_key(tiny):
     model = fresh(tiny)
     with pytest.raises(ValueError, match=r"method.encoder='image'.*text.*vision.*both"):
-        build_method(method_cfg("adam", "method.encoder=image", "method.optimizer.lr=1e-3"), model, 0)
+        build_method(*method_cfg("adam", "method.encoder=image", "optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"method.position='top2'.*half-up"):
-        build_method(method_cfg("adam", "method.position=top2", "method.optimizer.lr=1e-3"), model, 0)
+        build_method(*method_cfg("adam", "method.position=top2", "optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"unknown keys \['rank'\]"):
-        build_method(method_cfg("adam", "+method.rank=2", "method.optimizer.lr=1e-3"), model, 0)
+        build_method(*method_cfg("adam", "+method.rank=2", "optimizer.lr=1e-3"), model, 0)
     with pytest.raises(ValueError, match=r"method.kind='sgd'"):
-        build_method({"name": "sgd", "kind": "sgd"}, model, 0)
+        build_method({"name": "sgd", "kind": "sgd"}, method_cfg("adam")[1], model, 0)
     with pytest.raises(ValueError, match=r"method.targets=\['q', 'x'\]"):
-        build_method(method_cfg("lora", "method.targets=[q,x]", "method.optimizer.lr=1e-3"), model, 0)
+        build_method(*method_cfg("lora", "method.targets=[q,x]", "optimizer.lr=1e-3"), model, 0)
 
 
 def test_vit_b16_trainable_counts():
@@ -120,21 +134,21 @@ def test_vit_b16_trainable_counts():
     vision = sum(p.numel() for p in select_weights(model, "vision", "all").values())
     text = sum(p.numel() for p in select_weights(model, "text", "all").values())
     assert (vision, text) == (84_934_656, 37_748_736)
-    assert build_method(method_cfg("adam", "method.optimizer.lr=2e-4"), model, 0).trainable_params == 122_683_392
-    lora = build_method(method_cfg("lora", "method.optimizer.lr=2e-4"), model, 0)
+    assert build_method(*method_cfg("adam", "optimizer.lr=2e-4"), model, 0).trainable_params == 122_683_392
+    lora = build_method(*method_cfg("lora", "optimizer.lr=2e-4"), model, 0)
     assert lora.trainable_params == 184_320  # 12 blocks x 3 (q, k, v) x 2 x rank 2 x (768 + 512)
     assert len(lora.trainable) == 2 * 12 * 3 * 2
-    relora = build_method(method_cfg("relora"), build_clip("ViT-B-16-quickgelu")[0], 0)  # LoRA's factors again
+    relora = build_method(*method_cfg("relora"), build_clip("ViT-B-16-quickgelu")[0], 0)  # LoRA's factors again
     assert relora.trainable_params == 184_320 and len(relora.merged) == 2 * 12 * 3
-    galore = build_method(method_cfg("galore"), build_clip("ViT-B-16-quickgelu")[0], 0)
+    galore = build_method(*method_cfg("galore"), build_clip("ViT-B-16-quickgelu")[0], 0)
     assert galore.trainable_params == 122_683_392 and len(galore.trainable) == 96  # SO's weights
 
 
 def test_so_passes_every_switch_and_seeds_its_generator(tiny):
-    cfg = method_cfg("so", "method.optimizer.grad_selection=topk", "method.optimizer.moment_selection=dense",
-                     "method.optimizer.support=static", "method.optimizer.momentum=false",
-                     "method.optimizer.density=0.01", "method.optimizer.lr=3e-4")
-    method = build_method(cfg, fresh(tiny), 0)
+    cfg = method_cfg("so", "optimizer.grad_selection=topk", "optimizer.moment_selection=dense",
+                     "optimizer.support=static", "optimizer.momentum=false",
+                     "optimizer.density=0.01", "optimizer.lr=3e-4")
+    method = build_method(*cfg, fresh(tiny), 0)
     group = method.optimizer.param_groups[0]
     assert (group["lr"], group["density"], group["refresh_every"]) == (3e-4, 0.01, 10)
     assert (group["grad_selection"], group["moment_selection"], group["support"], group["momentum"]) \
@@ -147,8 +161,8 @@ def test_so_in_backward_matches_a_plain_step(tiny):
     results = []
     for in_backward in (True, False):
         model = fresh(tiny)
-        method = build_method(method_cfg("so", f"method.step_in_backward={in_backward}",
-                                         "method.optimizer.lr=1e-2"), model, 7)
+        method = build_method(*method_cfg("so", f"optimizer.step_in_backward={in_backward}",
+                                         "optimizer.lr=1e-2"), model, 7)
         before = snapshot(model)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         F.cross_entropy(100 * image_features @ encode_text(model, tokens).T, labels).backward()
@@ -164,7 +178,7 @@ def test_so_in_backward_matches_a_plain_step(tiny):
 @pytest.mark.parametrize("name", ["so", "adam", "lora", "dora", "relora", "galore"])
 def test_only_trainable_tensors_change(tiny, name):
     model = fresh(tiny)
-    method = build_method(method_cfg(name, "method.optimizer.lr=1e-3"), model, 0)
+    method = build_method(*method_cfg(name, "optimizer.lr=1e-3"), model, 0)
     assert method.trainable == {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = snapshot(model)
     train_step(model, method, tiny)
@@ -196,7 +210,7 @@ def test_split_attention_matches_multihead_attention(batch_first):
 
 def test_lora_follows_clip_lora(tiny):
     model = fresh(tiny)
-    method = build_method(method_cfg("lora", "method.targets=[q,k,v,o]", "method.optimizer.lr=1e-3"), model, 0)
+    method = build_method(*method_cfg("lora", "method.targets=[q,k,v,o]", "optimizer.lr=1e-3"), model, 0)
     assert method.trainable_params == 2 * 12 * 4 * 2 * 2 * 64  # o included: four adapters per block
     layer = model.transformer.resblocks[3].attn.v_proj
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -217,7 +231,7 @@ def test_lora_follows_clip_lora(tiny):
 def test_adapters_start_at_the_base_model_and_move(tiny, name):
     base = fresh(tiny)
     model = fresh(tiny)
-    method = build_method(method_cfg(name, "method.optimizer.lr=1e-2"), model, 0)
+    method = build_method(*method_cfg(name, "optimizer.lr=1e-2"), model, 0)
     expected = outputs(base, tiny)
     torch.testing.assert_close(outputs(model, tiny), expected, rtol=0, atol=1e-6)
     model.train()  # dropout on the adapter input: still the base model while B = 0
@@ -232,12 +246,12 @@ def test_adapters_start_at_the_base_model_and_move(tiny, name):
 @pytest.mark.parametrize("name", ["so", "adam", "lora", "dora", "relora", "galore"])
 def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, tmp_path):
     model = fresh(tiny)
-    method = build_method(method_cfg(name, "method.optimizer.lr=1e-2"), model, 0)
+    method = build_method(*method_cfg(name, "optimizer.lr=1e-2"), model, 0)
     train_step(model, method, tiny)
     save_trained(method, model, tmp_path / "trained.pt")
     torch.manual_seed(123)  # a different adapter initialisation in the fresh model
     loaded = fresh(tiny)
-    load_trained(build_method(method_cfg(name, "method.optimizer.lr=1e-2"), loaded, 0), loaded, tmp_path / "trained.pt")
+    load_trained(build_method(*method_cfg(name, "optimizer.lr=1e-2"), loaded, 0), loaded, tmp_path / "trained.pt")
     assert torch.equal(outputs(loaded, tiny), outputs(model, tiny))
     assert not torch.equal(outputs(loaded, tiny), outputs(fresh(tiny), tiny))
 
@@ -245,27 +259,27 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tiny, name, t
 def test_load_rejects_a_file_that_does_not_match(tiny, tmp_path):
     model = fresh(tiny)
     path = tmp_path / "trained.pt"
-    save_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), model, 0), model, path)
+    save_trained(build_method(*method_cfg("adam", "optimizer.lr=1e-3"), model, 0), model, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}.*unexpected.*visual.transformer"):
-        load_trained(build_method(method_cfg("adam", "method.encoder=text", "method.optimizer.lr=1e-3"), other, 0), other, path)
+        load_trained(build_method(*method_cfg("adam", "method.encoder=text", "optimizer.lr=1e-3"), other, 0), other, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}: holds method 'adam', expected 'lora'"):
-        load_trained(build_method(method_cfg("lora", "method.optimizer.lr=1e-3"), other, 0), other, path)
+        load_trained(build_method(*method_cfg("lora", "optimizer.lr=1e-3"), other, 0), other, path)
     saved = torch.load(path, weights_only=True)
     name = next(iter(saved["tensors"]))
     saved["tensors"][name] = saved["tensors"][name][:1]
     torch.save(saved, path)
     other = fresh(tiny)
     with pytest.raises(ValueError, match=rf"{path}: shape mismatch.*{name}"):
-        load_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), other, 0), other, path)
+        load_trained(build_method(*method_cfg("adam", "optimizer.lr=1e-3"), other, 0), other, path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_trained(build_method(method_cfg("adam", "method.optimizer.lr=1e-3"), other, 0), other, tmp_path / "missing.pt")
+        load_trained(build_method(*method_cfg("adam", "optimizer.lr=1e-3"), other, 0), other, tmp_path / "missing.pt")
 
 
 def test_zeroshot_trains_nothing(tiny):
     model = fresh(tiny)
-    method = build_method(method_cfg("zeroshot"), model, 0)
+    method = build_method(*method_cfg("zeroshot"), model, 0)
     assert method.optimizer is None and method.trainable == {} and method.trainable_params == 0
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -312,7 +326,7 @@ def test_the_vit_l14_stand_in_trains_with_positions_scaled_to_its_depth(name, fl
     model, _, tokenizer = build_clip("so-tiny-l14")
     assert (len(model.visual.transformer.resblocks), len(model.transformer.resblocks)) == \
         (real["vision_cfg"]["layers"], real["text_cfg"]["layers"]) == (24, 12)
-    method = build_method(method_cfg(name, "method.position=up", "method.optimizer.lr=1e-2"), model, 0)
+    method = build_method(*method_cfg(name, "method.position=up", "optimizer.lr=1e-2"), model, 0)
     blocks = {int(n.split(".resblocks.")[1].split(".")[0]) for n in method.trainable if n.startswith("visual.")}
     text_blocks = {int(n.split(".resblocks.")[1].split(".")[0]) for n in method.trainable if n.startswith("transformer.")}
     assert blocks == set(range(16, 24)) and text_blocks == set(range(8, 12))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from so.model import build_clip, class_embeddings, encode_text, tokenize
+from so.clip.model import build_clip, class_embeddings, encode_text, tokenize
 
 PROMPTS = ["a photo of a cat.", "a photo of a dog.",
            "a photo of a very long and rather elaborate composite object with many words in its name."]

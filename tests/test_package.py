@@ -52,9 +52,9 @@ def wheel(tmp_path_factory):
 @pytest.mark.slow  # builds a wheel and a virtual environment
 def test_the_wheel_imports_module_by_module_in_a_fresh_venv(wheel, tmp_path):
     modules = wheel_modules(wheel)
-    assert {"so", "so.optim", "so.rule", "so.batched", "so.model", "so.methods"} <= modules.keys()
+    assert {"so", "so.optim", "so.rule", "so.batched", "so.files", "so.clip.model", "so.clip.methods", "so.clip.optimizers"} <= modules.keys()
     with zipfile.ZipFile(wheel) as archive:
-        assert "so/model_configs/so-tiny.json" in archive.namelist()
+        assert "so/clip/model_configs/so-tiny.json" in archive.namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

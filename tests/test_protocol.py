@@ -5,22 +5,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import main
 import train
-from so.methods import build_method
-from so.model import build_clip
+from so.clip.methods import Method, build_method
+from so.clip.runtime import autocast, grad_scaler
+from so.clip.step import Prompts
+from so.clip.model import build_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 def config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", ["dataset=synthetic", "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}",
-                                  f"paths.out_root={tmp_path / 'out'}", *overrides])
+    return main.compose("dataset=synthetic", "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}",
+                        f"paths.out_root={tmp_path / 'out'}", *overrides)
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def matmul_flags():
 
 def learning_rates(cfg, steps):
     weight = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([weight], lr=cfg.method.optimizer.lr)
-    scheduler = train.schedule(optimizer, cfg)
+    optimizer = torch.optim.SGD([weight], lr=cfg.optimizer.lr)
+    scheduler = Method("sgd", {"w": weight}, optimizer).scheduler(train.budget(cfg), train.ETA_MIN)
     rates = []
     for _ in range(steps):
         optimizer.step()
@@ -46,8 +46,8 @@ def learning_rates(cfg, steps):
 def test_official_so_trains_2000_per_shot_with_the_cosine_over_all_of_it(tmp_path):
     cfg = config(tmp_path, "protocol=official_so", "shots=4", "~debug")
     assert train.budget(cfg) == 8000
-    assert (cfg.method.name, cfg.method.optimizer.density, cfg.method.optimizer.refresh_every,
-            cfg.method.optimizer.lr) == ("so_reference_cli", 5e-5, 5, 2e-4)
+    assert (cfg.method.name, cfg.optimizer.density, cfg.optimizer.refresh_every,
+            cfg.optimizer.lr) == ("so_reference_cli", 5e-5, 5, 2e-4)
     assert (cfg.seed, cfg.stop_loss, cfg.fewshot_sampler, cfg.crop_from_original) == (3, 0.01, "released", True)
     scheduler, rates = learning_rates(cfg, 8000)
     assert scheduler.T_max == 8000
@@ -74,9 +74,9 @@ def test_clip_lora_runs_exactly_500_per_shot_with_no_early_stop(tmp_path):
     protocol stops) and still runs all 500 iterations, in fp16 autocast through a GradScaler."""
     cfg = config(tmp_path, "protocol=clip_lora", "shots=1", "~debug", "model=tiny")
     assert (train.budget(cfg), cfg.stop_loss, cfg.precision, cfg.method.name) == (500, None, "fp16", "lora")
-    assert (cfg.method.optimizer.lr, cfg.method.optimizer.weight_decay) == (2e-4, 1e-2)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (2e-4, 1e-2)
     cfg = config(tmp_path, "protocol=clip_lora", "shots=1", "~debug", "model=tiny",
-                 "method.optimizer.lr=1e-2")  # the tiny random model needs larger steps to fit
+                 "optimizer.lr=1e-2")  # the tiny random model needs larger steps to fit
     model, method, prompts, dataset = built(cfg)
     done = train.train(cfg, model, prompts, method, dataset.train_x, CPU)
     assert (done.iterations, done.stopped_early, done.diverged_at) == (500, False, None)
@@ -90,8 +90,9 @@ def built(cfg):
 
     dataset = build_dataset("synthetic", cfg.dataset.root, cfg.shots, cfg.seed, cfg.paths.cache_dir,
                             sampler=cfg.fewshot_sampler)
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True), model, seed=cfg.seed)
-    return model, method, train.Prompts(dataset, tokenizer, CPU), dataset
+    config = OmegaConf.to_container(cfg, resolve=True)
+    method = build_method(config["method"], config["optimizer"], model, seed=cfg.seed)
+    return model, method, Prompts(dataset, tokenizer, CPU), dataset
 
 
 @pytest.mark.parametrize("protocol, tf32, precision", [("official_so", False, "highest"),
@@ -100,22 +101,16 @@ def built(cfg):
 def test_tf32_is_as_the_preset_says(tmp_path, matmul_flags, protocol, tf32, precision):
     """official_so: pure fp32 (no autocast) with TF32 matmuls off, as the released code runs."""
     cfg = config(tmp_path, f"protocol={protocol}", "method=zeroshot")
-    main.build(cfg, OmegaConf.to_container(cfg, resolve=True))
+    main.build(cfg)
     assert torch.backends.cuda.matmul.allow_tf32 is tf32
     assert torch.get_float32_matmul_precision() == precision
     if protocol == "official_so":
-        assert isinstance(train.autocast(cfg.precision, torch.device("cuda")), contextlib.nullcontext)
+        assert isinstance(autocast(cfg.precision, torch.device("cuda")), contextlib.nullcontext)
 
 
-def test_fp16_refuses_so_reading_gradients_in_backward():
+def test_fp16_refuses_an_optimizer_reading_gradients_in_backward():
     """A GradScaler unscales .grad after backward; SO reading them inside backward would see them scaled."""
-    from so import SO, step_in_backward
-
-    model = torch.nn.Linear(8, 8)
-    optimizer = SO(model.parameters(), lr=1e-3, density=0.5)
-    handles = step_in_backward(model, optimizer)
-    with pytest.raises(ValueError, match="precision=fp16 steps through a GradScaler.*method.step_in_backward=false"):
-        train.grad_scaler("fp16", CPU, optimizer)
-    handles.remove()
-    assert isinstance(train.grad_scaler("fp16", CPU, optimizer), torch.amp.GradScaler)
-    assert train.grad_scaler("bf16", CPU, optimizer) is None and train.grad_scaler("fp32", CPU, optimizer) is None
+    with pytest.raises(ValueError, match="precision=fp16 steps through a GradScaler.*optimizer.step_in_backward=false"):
+        grad_scaler("fp16", CPU, reads_in_backward=True)
+    assert isinstance(grad_scaler("fp16", CPU, reads_in_backward=False), torch.amp.GradScaler)
+    assert grad_scaler("bf16", CPU, True) is None and grad_scaler("fp32", CPU, True) is None

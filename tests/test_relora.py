@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
-from so.methods import build_method, load_trained, save_trained
-from so.relora import jagged_cosine, magnitude_prune_
+from so.clip.methods import build_method, load_trained, save_trained
+from so.clip.relora import jagged_cosine, magnitude_prune_
 from tests.test_methods import fresh, method_cfg, outputs, snapshot, tiny, train_step  # noqa: F401 (fixture)
 
 Q = "visual.transformer.resblocks.0.attn.q_proj"  # one adapted layer of the tiny model (width 64)
@@ -16,7 +16,7 @@ Q = "visual.transformer.resblocks.0.attn.q_proj"  # one adapted layer of the tin
 
 def relora(tiny, *overrides):
     model = fresh(tiny)
-    return model, build_method(method_cfg("relora", "method.optimizer.lr=1e-2", *overrides), model, 0)
+    return model, build_method(*method_cfg("relora", "optimizer.lr=1e-2", *overrides), model, 0)
 
 
 def factors(model):
@@ -25,7 +25,7 @@ def factors(model):
 
 
 def test_a_reset_merges_without_changing_outputs_and_restarts_the_factors(tiny):
-    model, method = relora(tiny, "method.optimizer.reset_every=1000")
+    model, method = relora(tiny, "method.reset_every=1000")
     for _ in range(3):
         train_step(model, method, tiny)
     a, b = factors(model)
@@ -34,7 +34,7 @@ def test_a_reset_merges_without_changing_outputs_and_restarts_the_factors(tiny):
                for p in method.trainable.values()}
     before = outputs(model, tiny)
     weight = model.get_submodule(Q).base_layer.weight.detach().clone()
-    method.optimizer.reset()
+    method.restarts.reset()
     torch.testing.assert_close(outputs(model, tiny), before, rtol=1e-6, atol=1e-6)  # fp32 rounding of W + B A
     new_a, new_b = factors(model)
     assert torch.equal(new_b, torch.zeros_like(b)) and not torch.equal(new_a, a)
@@ -60,10 +60,10 @@ def was_top(was, kept):
 def test_pruning_the_moments_apart_blows_up_the_next_step(tiny, together):
     """ReLoRA's code prunes m and v each on its own; where m stays and v goes, the step after a reset
     (A's gradient is zero while B = 0) is m / eps."""
-    model, method = relora(tiny, "method.optimizer.reset_every=1000", f"method.optimizer.prune_together={together}")
+    model, method = relora(tiny, "method.reset_every=1000", f"method.prune_together={together}")
     for _ in range(3):
         train_step(model, method, tiny)
-    method.optimizer.reset()
+    method.restarts.reset()
     for p in method.trainable.values():
         m, v = (method.optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq"))
         assert was_top(m, m != 0) if not together else True  # apart: each moment keeps its own largest
@@ -75,18 +75,18 @@ def test_pruning_the_moments_apart_blows_up_the_next_step(tiny, together):
 
 def test_after_two_resets_the_update_has_a_rank_above_r(tiny):
     """reset_every=3: resets after updates 4 and 7; W - W0 is the sum of two merged rank-2 updates."""
-    model, method = relora(tiny, "method.optimizer.reset_every=3", "method.optimizer.restart_warmup=1")
+    model, method = relora(tiny, "method.reset_every=3", "method.restart_warmup=1")
     w0 = model.get_submodule(Q).base_layer.weight.detach().clone()
     resets = []
     for _ in range(10):
         train_step(model, method, tiny)
-        resets.append(method.optimizer.resets)
+        resets.append(method.restarts.resets)
     assert resets == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
     delta = model.get_submodule(Q).base_layer.weight.detach() - w0
     s = torch.linalg.svdvals(delta)
     assert int((s > 1e-4 * s[0]).sum()) > 2  # rank 2 adapters
     lora_model = fresh(tiny)
-    lora = build_method(method_cfg("lora", "method.optimizer.lr=1e-2"), lora_model, 0)
+    lora = build_method(*method_cfg("lora", "optimizer.lr=1e-2"), lora_model, 0)
     for _ in range(10):
         train_step(lora_model, lora, tiny)
     a, b = factors(lora_model)
@@ -114,12 +114,12 @@ def test_the_jagged_cosine_warms_up_after_each_restart():
 
 
 def test_the_harness_runs_relora_on_its_jagged_cosine(tiny):
-    """train.schedule gives ReLoRA's optimizer its own schedule over the budget, down to 1e-6."""
+    """The method gives the loop ReLoRA's own schedule over the budget, down to 1e-6."""
     from omegaconf import OmegaConf
 
-    _, method = relora(tiny, "method.optimizer.reset_every=4", "method.optimizer.restart_warmup=2")
+    _, method = relora(tiny, "method.reset_every=4", "method.restart_warmup=2")
     cfg = OmegaConf.create({"max_iters": 12, "iters_per_shot": None, "shots": 1})
-    scheduler = train.schedule(method.optimizer, cfg)
+    scheduler = method.scheduler(train.budget(cfg), train.ETA_MIN)
     rates = []
     for _ in range(12):
         rates.append(method.optimizer.param_groups[0]["lr"])
@@ -131,14 +131,14 @@ def test_the_harness_runs_relora_on_its_jagged_cosine(tiny):
 
 def test_trainable_params_and_saved_weights(tiny, tmp_path):
     """ReLoRA trains what LoRA trains; what it saves includes the weights it merged into."""
-    model, method = relora(tiny, "method.optimizer.reset_every=2", "method.optimizer.restart_warmup=1")
-    lora = build_method(method_cfg("lora", "method.optimizer.lr=1e-2"), fresh(tiny), 0)
+    model, method = relora(tiny, "method.reset_every=2", "method.restart_warmup=1")
+    lora = build_method(*method_cfg("lora", "optimizer.lr=1e-2"), fresh(tiny), 0)
     assert method.trainable_params == lora.trainable_params and method.trainable.keys() == lora.trainable.keys()
     for _ in range(4):
         train_step(model, method, tiny)
-    assert method.optimizer.resets == 1
+    assert method.restarts.resets == 1
     save_trained(method, model, tmp_path / "trained.pt")
-    loaded, method_loaded = relora(tiny, "method.optimizer.reset_every=2", "method.optimizer.restart_warmup=1")
+    loaded, method_loaded = relora(tiny, "method.reset_every=2", "method.restart_warmup=1")
     load_trained(method_loaded, loaded, tmp_path / "trained.pt")
     assert torch.equal(outputs(loaded, tiny), outputs(model, tiny))
     assert len(method.merged) == 2 * 12 * 3  # towers x blocks x (q, k, v)
@@ -148,6 +148,6 @@ def test_relora_refuses_dora_and_names_bad_settings(tiny):
     with pytest.raises(ValueError, match="method.dora=true: ReLoRA merges B A into the weight"):
         relora(tiny, "method.dora=true")
     with pytest.raises(ValueError, match="restart_warmup=500: expected an integer in \\[0, reset_every\\)"):
-        relora(tiny, "method.optimizer.restart_warmup=500")
+        relora(tiny, "method.restart_warmup=500")
     with pytest.raises(ValueError, match="prune_ratio=1.5: expected a fraction in \\[0, 1\\]"):
-        relora(tiny, "method.optimizer.prune_ratio=1.5")
+        relora(tiny, "method.prune_ratio=1.5")

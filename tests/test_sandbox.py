@@ -24,9 +24,11 @@ from PIL import Image
 import datasets
 from datasets import synthetic
 from datasets.pipeline import test_loader
-from scripts import pretrain_sandbox as pretrain
-from so.model import build_clip
-from train import Prompts, evaluate
+import main
+from so.clip import pretrain
+from so.clip.model import build_clip
+from so.clip.step import Prompts
+from trial import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("synthetic_compositions", "synthetic_shift")
@@ -114,8 +116,8 @@ def test_pretraining_is_deterministic_and_leaves_the_caller_rng_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    runs = [pretrain.pretrain(**pretrain.recipe(out=str(tmp_path / f"{i}.bin"), steps=3, batch_size=8, warmup=1))
-            for i in range(2)]
+    runs = [pretrain.pretrain(**main.recipe(out=str(tmp_path / f"{i}.bin"), steps=3, batch_size=8, warmup=1),
+                              batches=synthetic.pretraining_batch) for i in range(2)]
     assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
     a, b = (torch.load(tmp_path / f"{i}.bin", weights_only=True) for i in range(2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -136,12 +138,12 @@ def test_a_missing_sandbox_checkpoint_is_built_once_and_build_clip_never_trains(
     path = tmp_path / "sandbox" / "so-sandbox.bin"
     with pytest.raises(FileNotFoundError, match="neither a file nor"):  # building a model never trains one
         build_clip("so-sandbox", str(path))
-    pretrain.build_if_missing(path, "so-sandbox")
+    main.build_if_missing(path, "so-sandbox")
     assert [(s["out"], s["model"], s["steps"]) for s in built] == [(str(path), "so-sandbox", 800)]
     model, _, _ = build_clip("so-sandbox", str(path))
     saved = torch.load(path, weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
-    pretrain.build_if_missing(path, "so-sandbox")  # present now: not built again
+    main.build_if_missing(path, "so-sandbox")  # present now: not built again
     assert len(built) == 1
 
 
@@ -174,7 +176,7 @@ def zeroshot(model, transform, tokenizer, root, cache):
 @pytest.mark.slow  # a 200-step pretraining
 def test_pretrained_model_transfers_zero_shot_and_random_weights_do_not(tmp_path):
     path = tmp_path / "small.bin"
-    pretrain.pretrain(**pretrain.recipe(out=str(path), **SMALL))
+    pretrain.pretrain(**main.recipe(out=str(path), **SMALL), batches=synthetic.pretraining_batch)
     pretrained = zeroshot(*build_clip("so-sandbox", str(path)), tmp_path, tmp_path / "cache")
     torch.manual_seed(0)
     random_weights = zeroshot(*build_clip("so-sandbox"), tmp_path, tmp_path / "cache")
@@ -206,7 +208,7 @@ def test_sandbox_sensitivity_lists_the_fixed_grid_with_curves():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     study = "model=tiny_pretrained max_iters=300 stop_loss=null eval_every=25"
-    points = [("so_density" + d, f"method=so method.optimizer.density={d}") for d in ("5e-4", "5e-3", "5e-2", "2e-1")]
+    points = [("so_density" + d, f"method=so optimizer.density={d}") for d in ("5e-4", "5e-3", "5e-2", "2e-1")]
     points += [("lora_rank" + r, f"method=lora method.rank={r}") for r in ("1", "2", "4", "8")]
     assert lines == [f"name=sandbox_sensitivity/{point} dataset={d} {switch} {study} shots={k} seed={s}"
                      for point, switch in points for d in TARGETS for k in (1, 4) for s in (1, 2, 3)]

@@ -115,7 +115,7 @@ def test_plot_updates_shows_sparse_so_and_dense_adam_changes(swept, plot_updates
     # the tiny model: 2 towers x 12 blocks x the 4 weight matrices SO trains
     assert len(so) == len(adam) == 2 * 12 * 4 and set(so["weight"]) == {
         "attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
-    config = json.loads((trials / "so" / "1shot" / "seed1" / "results.json").read_text())["config"]["method"]
+    config = json.loads((trials / "so" / "1shot" / "seed1" / "results.json").read_text())["config"]
     assert config["optimizer"]["refresh_every"] > 2  # two steps on one support: only its M entries per tensor can move
     support = (so["entries"] * config["optimizer"]["density"]).astype(int).clip(lower=1)
     assert (so["changed"] >= 1).all() and (so["changed"] <= support).all()

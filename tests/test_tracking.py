@@ -1,7 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from so.tracking import resolve_mode, start_run
+from so.clip.tracking import resolve_mode, start_run
 
 
 @pytest.fixture

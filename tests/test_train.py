@@ -8,8 +8,12 @@ from omegaconf import OmegaConf
 
 import train
 from datasets import build_dataset
-from so.methods import build_method
-from so.model import build_clip
+from datasets.pipeline import TrainImages
+from so.clip import runtime
+from so.clip.methods import build_method
+from so.clip.model import build_clip
+from so.clip.step import Prompts, forward_loss, train_step
+from tests.test_methods import method_cfg
 
 CPU = torch.device("cpu")
 
@@ -20,14 +24,13 @@ def data(tmp_path_factory):
     return lambda shots: build_dataset("synthetic", root / "synthetic", shots, 1, root / "cache")
 
 
-def build(dataset, lr, method, grad_checkpointing=False, **method_cfg):
-    """The tiny model (seed 0), the method from its config file (and `method_cfg`), the prompts."""
+def build(dataset, lr, method, grad_checkpointing=False, *overrides):
+    """The tiny model (seed 0), the method preset (with `overrides`) at learning rate `lr`, the prompts."""
     torch.manual_seed(0)
     model, _, tokenizer = build_clip("so-tiny")
     model.set_grad_checkpointing(grad_checkpointing)
-    cfg = yaml.safe_load(open(f"configs/method/{method}.yaml")) | method_cfg
-    cfg["optimizer"]["lr"] = lr
-    return model, build_method(cfg, model, seed=1), train.Prompts(dataset, tokenizer, CPU)
+    method = build_method(*method_cfg(method, f"optimizer.lr={lr}", *overrides), model, seed=1)
+    return model, method, Prompts(dataset, tokenizer, CPU)
 
 
 def run_train(dataset, lr, method="adam", grad_checkpointing=False, **cfg):
@@ -73,7 +76,7 @@ def test_a_non_finite_loss_stops_training_at_once(data, method):
 
 def test_compile_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="compile='fast': expected one of none, default"):
-        train.compile_loss("fast")
+        runtime.compiled(forward_loss, "fast")
 
 
 def _failing_backend(graph, example_inputs):
@@ -104,22 +107,22 @@ def test_claim_gpu_takes_one_no_other_trial_holds(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"GPU-{i}"))
-    monkeypatch.setattr(train, "_claimed", {})
+    monkeypatch.setattr(runtime, "_claimed", {})
     held = [open(tmp_path / f"so-clip-gpu-GPU-{i}.lock", "w") for i in (0, 1)]  # two other trials
     for handle in held:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert train.claim_gpu() == 2
+    assert runtime.claim_gpu() == 2
     held[0].close()  # GPU 0 frees up, but this process keeps the GPU it holds
-    assert train.claim_gpu() == 2
+    assert runtime.claim_gpu() == 2
     with pytest.raises(BlockingIOError):
         fcntl.flock(open(tmp_path / "so-clip-gpu-GPU-2.lock", "w"), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _trajectory(dataset, batches, precision, in_backward):
     """Per-iteration losses of SO (the paper's density, lr 1e-2) on the tiny model."""
-    model, method, prompts = build(dataset, 1e-2, "so", step_in_backward=in_backward)
+    model, method, prompts = build(dataset, 1e-2, "so", False, f"optimizer.step_in_backward={in_backward}")
     model.train()
-    return torch.stack([train.train_step(model, prompts, images, labels, method.optimizer, precision, CPU)
+    return torch.stack([train_step(model, prompts, images, labels, method.optimizer, precision, CPU)
                         for images, labels in batches])
 
 
@@ -128,7 +131,7 @@ def test_fast_step_follows_the_plain_step(data):
     gradient in backward) against the plain one (fp32, SO after backward), iteration by iteration:
     within bf16 tolerance of each other while the loss falls by far more than that."""
     dataset = data(4)
-    images = train.TrainImages(dataset.train_x, CPU, 32, (0.5,) * 3, (0.25,) * 3,
+    images = TrainImages(dataset.train_x, CPU, 32, (0.5,) * 3, (0.25,) * 3,
                                generator=torch.Generator().manual_seed(0))
     batch = (images.batch(torch.arange(len(dataset.train_x))), torch.tensor([r.label for r in dataset.train_x]))
     plain = _trajectory(dataset, [batch] * 15, "fp32", False)

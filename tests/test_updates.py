@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from so import SO
-from so.updates import UpdateCounts
+from so.clip.updates import UpdateCounts
 
 
 @pytest.mark.parametrize("switches", [{}, {"moment_selection": "random", "refresh_every": 1},

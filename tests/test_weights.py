@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from so.model import build_clip
+from so.clip.model import build_clip
 
 
 class Touch:

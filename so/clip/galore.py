@@ -20,13 +20,10 @@ import torch
 class GaLore(torch.optim.Optimizer):
     def __init__(self, params, lr, rank, update_proj_gap, scale, betas=(0.9, 0.999), eps=1e-6,
                  weight_decay=0.0):
-        from pytorch_optimizer.optimizer.utils.galore import GaLoreProjector  # 1 s of imports: when used
-
         if type(rank) is not int or rank < 1:
             raise ValueError(f"rank={rank!r}: expected an integer >= 1.")
         if type(update_proj_gap) is not int or update_proj_gap < 1:
             raise ValueError(f"update_proj_gap={update_proj_gap!r}: expected an integer >= 1.")
-        self._projector = GaLoreProjector
         super().__init__(params, dict(lr=lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                                       betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -49,7 +46,7 @@ class GaLore(torch.optim.Optimizer):
                 if "step" not in state:
                     state["step"] = 0
                     if p.dim() == 2:
-                        state["projector"] = self._projector(rank=group["rank"], scale=group["scale"],
+                        state["projector"] = _projector()(rank=group["rank"], scale=group["scale"],
                                                              update_proj_gap=group["update_proj_gap"])
                 if p.dim() == 2:
                     grad = state["projector"].project(grad, state["step"])
@@ -67,3 +64,11 @@ class GaLore(torch.optim.Optimizer):
                 if group["weight_decay"] > 0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+
+def _projector():
+    """pytorch-optimizer's GaLoreProjector, imported at the first step (seconds of imports): a config
+    is checked by building the optimizer, before any model exists."""
+    from pytorch_optimizer.optimizer.utils.galore import GaLoreProjector
+
+    return GaLoreProjector

@@ -2,7 +2,7 @@
 
 `build_clip(name, pretrained)` returns (model, eval_transform, tokenizer). `pretrained` is an
 open_clip tag (e.g. "openai"), a local weights file (OpenAI's TorchScript .pt, .safetensors, or a
-torch.save state dict), or None for random weights; so.weights reads it. Hub tags fail fast offline
+torch.save state dict), or None for random weights; so.clip.weights reads it. Hub tags fail fast offline
 and point to the local-file option.
 """
 import logging
@@ -13,14 +13,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from so.weights import load_into, read_state_dict, resolve
+from so.clip.weights import load_into, read_state_dict, resolve
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")  # so-tiny, so-tiny-l14, so-sandbox
 
 
 def build_clip(name, pretrained=None, device="cpu", allow_unsafe_pickle=False):
     """Create an open_clip CLIP model in fp32 with its eval transform and tokenizer; weights from
-    `pretrained` (so.weights reads them), random when None."""
+    `pretrained` (so.clip.weights reads them), random when None."""
     path, preprocess = (None, {}) if pretrained is None else resolve(name, pretrained)
     with _WeightsLoadedHere() if path else nullcontext():
         model, _, eval_transform = open_clip.create_model_and_transforms(name, device=device, **preprocess)

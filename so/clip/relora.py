@@ -3,7 +3,7 @@ factors are merged into the frozen weights and restarted every `reset_every` upd
 of the low-rank updates can reach a high rank.
 
 No well-kept package implements ReLoRA for arbitrary torch modules, so it is written here, on the
-LoRA layers of so/lora.py, in the order of the ReLoRA authors' training loop (Guitaricet/relora):
+LoRA layers of so/clip/lora.py, in the order of the ReLoRA authors' training loop (Guitaricet/relora):
 the update at the schedule's restart point (step k * reset_every, learning rate 0) comes first; right
 after it (update k * reset_every + 1, k >= 1)
   1. merge: W += B A * scaling, for every adapter;
@@ -16,13 +16,19 @@ ReLoRA's code prunes the two moments independently (`prune_together=False`). The
 its first moment m and lose its second v; at the next step A's gradient is zero (B = 0), so Adam's
 update there is m / eps, which on CLIP's factors moves A by thousands at once. `prune_together=True`
 (the default here) also zeroes m wherever v was pruned.
+
+The restarts belong to what trains (method=relora): `Restarts` counts the updates of whatever optimizer
+steps the factors (a post-step hook) and prunes its moments, so any optimizer that keeps Adam's
+exp_avg and exp_avg_sq per factor works (adamw, the preset's; adam; galore).
 """
 import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-ADAPTER = "default"  # the adapter name peft gives so/lora.py's adapters
+from so.clip.config import ConfigError
+
+ADAPTER = "default"  # the adapter name peft gives so/clip/lora.py's adapters
 
 
 @torch.no_grad()
@@ -45,32 +51,24 @@ def jagged_cosine(step, total, reset_every, restart_warmup, floor):
     return cosine(step)
 
 
-class ReLoRA(torch.optim.AdamW):
-    """AdamW on the LoRA factors of `adapters` (peft LoRA layers), with ReLoRA's merge, re-initialisation
-    and moment pruning after update k * reset_every + 1, and its jagged cosine (`scheduler`)."""
+class Restarts:
+    """ReLoRA's merge, re-initialisation and moment pruning of LoRA `adapters` (peft LoRA layers) after
+    update k * reset_every + 1, k >= 1, counted by a post-step hook on `optimizer` (any optimizer that
+    keeps Adam's exp_avg and exp_avg_sq per factor), and its jagged cosine (`scheduler`)."""
 
-    def __init__(self, params, adapters, reset_every, restart_warmup, prune_ratio, lr, prune_together=True,
-                 betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, foreach=None, fused=None):
-        if type(reset_every) is not int or reset_every < 1:
-            raise ValueError(f"reset_every={reset_every!r}: expected an integer >= 1.")
-        if type(restart_warmup) is not int or not 0 <= restart_warmup < reset_every:
-            raise ValueError(f"restart_warmup={restart_warmup!r}: expected an integer in [0, reset_every).")
-        if not 0 <= prune_ratio <= 1:
-            raise ValueError(f"prune_ratio={prune_ratio!r}: expected a fraction in [0, 1].")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
-                         fused=fused)
-        self.adapters = list(adapters)
+    def __init__(self, adapters, optimizer, reset_every, restart_warmup, prune_ratio, prune_together=True):
+        check_restarts(reset_every, restart_warmup, prune_ratio)
+        self.adapters, self.optimizer = list(adapters), optimizer
         self.reset_every, self.restart_warmup, self.prune_ratio = reset_every, restart_warmup, prune_ratio
         self.prune_together = prune_together
         self.updates = 0  # optimizer steps taken
         self.resets = 0
+        optimizer.register_step_post_hook(self.after_step)
 
-    def step(self, closure=None):
-        loss = super().step(closure)
+    def after_step(self, optimizer, args, kwargs):
         self.updates += 1
         if self.updates > self.reset_every and (self.updates - 1) % self.reset_every == 0:
             self.reset()
-        return loss
 
     @torch.no_grad()
     def reset(self):
@@ -78,9 +76,9 @@ class ReLoRA(torch.optim.AdamW):
         for layer in self.adapters:
             layer.base_layer.weight += layer.get_delta_weight(ADAPTER)
             layer.reset_lora_parameters(ADAPTER, init_lora_weights=True)
-        for group in self.param_groups:
+        for group in self.optimizer.param_groups:
             for p in group["params"]:
-                state = self.state[p]
+                state = self.optimizer.state[p]
                 if "exp_avg" not in state:
                     continue
                 magnitude_prune_(state["exp_avg"], self.prune_ratio)
@@ -91,5 +89,15 @@ class ReLoRA(torch.optim.AdamW):
 
     def scheduler(self, total, eta_min):
         """The jagged cosine over `total` steps, down to the learning rate `eta_min`."""
-        return LambdaLR(self, [lambda step, floor=eta_min / g["lr"]: jagged_cosine(
-            step, total, self.reset_every, self.restart_warmup, floor) for g in self.param_groups])
+        return LambdaLR(self.optimizer, [lambda step, floor=eta_min / g["lr"]: jagged_cosine(
+            step, total, self.reset_every, self.restart_warmup, floor) for g in self.optimizer.param_groups])
+
+
+def check_restarts(reset_every, restart_warmup, prune_ratio):
+    """The restart settings' values, named as the method's keys."""
+    if type(reset_every) is not int or reset_every < 1:
+        raise ConfigError(f"method.reset_every={reset_every!r}: expected an integer >= 1.")
+    if type(restart_warmup) is not int or not 0 <= restart_warmup < reset_every:
+        raise ConfigError(f"method.restart_warmup={restart_warmup!r}: expected an integer in [0, reset_every).")
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 <= prune_ratio <= 1:
+        raise ConfigError(f"method.prune_ratio={prune_ratio!r}: expected a fraction in [0, 1].")

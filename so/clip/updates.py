@@ -6,7 +6,7 @@ Opt-in (count_updates=true): one int32 counter per trainable weight, 4 bytes per
 """
 import torch
 
-from so.runs import save_atomic
+from so.files import save_atomic
 
 
 class UpdateCounts:

@@ -1,12 +1,12 @@
-"""The run folder of a trial: atomic writes, the trial's identity, and a lock so it trains once.
+"""Files every part of the project writes: atomically, with the umask's permissions, and a lock per folder.
 
 - `write_atomic` / `write_json_atomic` / `save_atomic`: a temporary file and a rename, so a reader
   (or a crash, or a full disk) never leaves a partial file; files get the umask's permissions.
   JSON is strict: non-finite floats are written as null.
-- `check_finished`: a results.json written by the same config means the trial is done; one written
-  by another config is an error that lists the keys that differ.
-- `RunLock`: an flock on <run folder>/.lock; the kernel drops it when its process dies, so a killed
-  trial never blocks a re-run. Standard library only.
+- `RunLock`: an flock on <folder>/.lock; the kernel drops it when its process dies, so a killed
+  trial never blocks a re-run.
+Standard library only (torch is imported by save_atomic when it is called): datasets/ and the CLIP
+harness both use it, and neither needs the optimizer for it.
 """
 import fcntl
 import io
@@ -16,17 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-# Keys of the resolved config that do not change a trial's result: where things are, how fast it
-# runs, what else is written, and how it is logged. Every other key is the trial's identity.
-RUN_ONLY = {"force", "logger", "paths", "device", "num_workers", "eval_batch_size", "save",
-            "count_updates", "eval_only", "compile", "grad_checkpointing", "dataset.root"}
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class TrialMismatch(ValueError):
-    """A run folder holds the results of another config."""
 
 
 def write_atomic(path, data):
@@ -66,46 +57,6 @@ def save_atomic(obj, path):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_atomic(path, buffer.getvalue())
-
-
-def flatten(config, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def identity(config):
-    """The keys of a resolved config (a plain dict) that decide the trial's result."""
-    return {k: v for k, v in flatten(config).items()
-            if not any(k == r or k.startswith(f"{r}.") for r in RUN_ONLY)}
-
-
-def check_finished(run_dir, config):
-    """True when run_dir/results.json exists and came from a config with this identity; raises
-    TrialMismatch, listing the keys that differ, when it came from another one."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        return False
-    try:
-        stored = json.loads(path.read_text())["config"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrialMismatch(f"{path} is not a results.json of main.py ({e}); move it away, or "
-                            "pass force=true to run the trial again") from None
-    was, now = identity(stored), identity(config)
-    differ = sorted(k for k in was.keys() | now.keys() if was.get(k, "<absent>") != now.get(k, "<absent>"))
-    if differ:
-        shown = "; ".join(f"{k}: {was.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now"
-                          for k in differ[:8])
-        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-        raise TrialMismatch(f"{path} holds the result of another config: {shown}{more}. Give this "
-                            "run another name=..., or pass force=true to replace that result")
-    return True
 
 
 class RunLock:
