@@ -7,7 +7,8 @@ The rule, per trainable tensor W viewed flat (N entries, M = max(1, floor(densit
   2.-5. so.rule.so_update: Adam's moments on U = S u G (S the kept set), every entry of U
      updated, then the M entries of largest |m| kept (moment_selection="random": M uniform ones,
      "dense": no prune).
-  6. The dense gradient is freed (param.grad = None).
+  6. With free_grads=True the dense gradient is freed (param.grad = None), as the paper's code
+     does; by default .grad is left alone, as every torch.optim optimizer leaves it.
 momentum=False is b1 = 0. A group with dense=True is plain Adam (coupled L2, fp32 moments).
 
 impl="reference" runs so.rule.so_update tensor by tensor: the rule as written. impl="batched"
@@ -40,11 +41,18 @@ class SO(Optimizer):
     Dense groups keep step, seed, exp_avg and exp_avg_sq shaped like the parameter. With
     impl="batched", kept and the moments are written out of the batch's buffers when `state` is
     read; to change them, load a state_dict (in-place edits of those tensors are not seen).
-    `generator` (or the global torch RNG) seeds every draw."""
+    `generator` (or the global torch RNG) seeds every draw. `free_grads=True` sets .grad to None
+    once a step has read it (torch's optimizers never touch .grad, the default here too): the
+    memory of a loop that zeroes its gradients only before the next backward.
+
+    Indices are flat positions in the parameter's memory order (its logical order when it is
+    contiguous), so channels_last weights and transposed views work as they are. Complex
+    parameters are refused (SO's support indexes real entries); sparse gradients raise
+    RuntimeError, as in torch.optim."""
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  density=5e-4, refresh_every=10, grad_selection="random", moment_selection="topk",
-                 support="dynamic", momentum=True, impl="batched", generator=None):
+                 support="dynamic", momentum=True, impl="batched", generator=None, free_grads=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
                         refresh_every=refresh_every, grad_selection=grad_selection,
                         moment_selection=moment_selection, support=support, momentum=momentum,
@@ -58,6 +66,9 @@ class SO(Optimizer):
         self._group_of = {}  # id(param) -> its group, for the hooks
         self._warn_now = False  # add_param_group warns at once after __init__
         self.reads_in_backward = False  # step_in_backward's hooks are on
+        if not isinstance(free_grads, bool):
+            raise ValueError(f"free_grads={free_grads!r}: expected True or False (SO)")
+        self.free_grads = free_grads
         super().__init__(params, defaults)
         warn_tiny(self.param_groups)
         self._warn_now = True
@@ -80,7 +91,7 @@ class SO(Optimizer):
                     batch.write_to_states()
 
     def __getstate__(self):  # pickling and copy.deepcopy: the seed of later draws goes along
-        return {**super().__getstate__(), "seed": self.seed}
+        return {**super().__getstate__(), "seed": self.seed, "free_grads": self.free_grads}
 
     def __setstate__(self, state):  # Optimizer.load_state_dict and unpickling come through here
         state = dict(state)
@@ -90,11 +101,14 @@ class SO(Optimizer):
             self.__dict__.setdefault(key, {})
         self.__dict__.setdefault("_warn_now", True)
         self.__dict__.setdefault("reads_in_backward", False)
+        self.__dict__.setdefault("free_grads", False)
         super().__setstate__(state)
 
     def add_param_group(self, param_group):
         check_group({**self.defaults, **param_group}, f"SO param group {len(self.param_groups)}")
         super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            check_param(p)
         if self._warn_now:
             warn_tiny(self.param_groups[-1:])
 
@@ -123,17 +137,19 @@ class SO(Optimizer):
             for p, g, s in zip(params, grads, states):
                 adam_update(p, g, s, **_hyper(group, momentum=True))
         else:
+            grads = [g if isinstance(g, GradAtSupport) else flat(g, p) for p, g in zip(params, grads)]
             self._redraw_due(group, params, states)
             run = self._run_reference if group["impl"] == "reference" else self._run_batched
             run(group, params, grads, states)
-        for p in params:
-            p.grad = None  # 6. nothing dense survives the step
+        if self.free_grads:
+            for p in params:
+                p.grad = None  # 6. nothing dense survives the step
 
     def _take_grads(self, params):
         """Each tensor's gradient: the one read in backward (step_in_backward), else .grad."""
         for p in params:
             if p in self._reads and p.grad is not None:  # a backward after the hooks ran
-                self.read_grad(p)
+                self.read_grad(p, free=self.free_grads)
         return [self._reads.pop(p, None) or check_grad(p) for p in params]
 
     def _advance_steps(self, group, params):
@@ -156,7 +172,7 @@ class SO(Optimizer):
         for p, g, s in zip(params, grads, states):
             stream = stream_key(s["seed"], s["step"], MOMENT_DRAW)
             s["kept"], s["exp_avg"], s["exp_avg_sq"], _ = so_update(
-                p.view(-1), g, s["support"], s["kept"], s["exp_avg"], s["exp_avg_sq"],
+                flat(p, p), g, s["support"], s["kept"], s["exp_avg"], s["exp_avg_sq"],
                 step=s["step"], size=support_size(group, p),
                 moment_selection=group["moment_selection"], stream=stream, **hyper)
 
@@ -172,7 +188,7 @@ class SO(Optimizer):
         for (step, device), idx in _batches(params, states, sizes).items():
             streams = [stream_key(states[i]["seed"], step, MOMENT_DRAW) if random_prune else 0
                        for i in idx]
-            flats, batch_grads = [params[i].view(-1) for i in idx], [grads[i] for i in idx]
+            flats, batch_grads = [flat(params[i], params[i]) for i in idx], [grads[i] for i in idx]
             batch_states, batch_sizes = [states[i] for i in idx], [sizes[i] for i in idx]
             key = (device, *(id(params[i]) for i in idx))
             batch = previous.get(key)
@@ -192,7 +208,7 @@ class SO(Optimizer):
         sizes = [support_size(group, p) for p in params]
         if group["grad_selection"] == "topk":
             for p, state, size in zip(params, states, sizes):
-                state["support"] = topk_support(p.grad, p, size, group["weight_decay"])
+                state["support"] = topk_support(flat(p.grad, p), flat(p, p), size, group["weight_decay"])
             return
         for device in {p.device for p in params}:  # draws are keyed: batching is free
             on = [i for i, p in enumerate(params) if p.device == device]
@@ -203,11 +219,11 @@ class SO(Optimizer):
                 states[i]["support"] = support
 
     @torch.no_grad()
-    def read_grad(self, param):
+    def read_grad(self, param, free=True):
         """step_in_backward's hook: read the gradient of `param` at its support (drawn now when
-        due) and free it; step() applies it, adding up the reads of several backward passes. A
-        dense group's gradient stays until step(): Adam needs all of it; so does a topk support's
-        at a redraw, which needs the whole gradient of the step."""
+        due) and free it (`free`); step() applies it, adding up the reads of several backward
+        passes. A dense group's gradient stays until step(): Adam needs all of it; so does a topk
+        support's at a redraw, which needs the whole gradient of the step."""
         if param.grad is None:
             return
         if id(param) not in self._group_of:
@@ -225,12 +241,13 @@ class SO(Optimizer):
             if group["grad_selection"] == "topk":
                 return
             self._draw_ahead(group)
-        values = grad_at(param.view(-1), param.grad, state["support"], 0.0)  # a new tensor
+        values = grad_at(flat(param, param), flat(param.grad, param), state["support"], 0.0)  # a new tensor
         if param in self._reads:
             self._reads[param].values += values
         else:
             self._reads[param] = GradAtSupport(values)
-        param.grad = None
+        if free:
+            param.grad = None
 
     def _draw_ahead(self, group):
         """Draw, in one batch, the supports of every tensor of the group whose next step
@@ -282,12 +299,32 @@ class SO(Optimizer):
         self.seed = int(state_dict.get("seed", self.seed))
 
 
-def _new_state(param, dense, seed):
-    if not param.is_contiguous():
-        raise ValueError(f"SO: parameter of shape {tuple(param.shape)} is not contiguous "
-                         "(e.g. channels_last); SO indexes it flat, call .contiguous() first")
+def check_param(param):
+    """What SO can index: a real tensor under 2**32 entries, dense in memory in some order."""
+    if param.is_complex():
+        raise ValueError(f"SO: parameter of shape {tuple(param.shape)} is complex; SO's supports index real "
+                         "entries: train torch.view_as_real of it as a real parameter, or use torch.optim.Adam")
     if param.numel() >= 2**32:
         raise ValueError(f"SO: parameter of shape {tuple(param.shape)} has >= 2**32 entries")
+    if not param.permute(memory_order(param)).is_contiguous():
+        raise ValueError(f"SO: parameter of shape {tuple(param.shape)} and strides {param.stride()} overlaps "
+                         "itself or has gaps in memory; call .contiguous() first")
+
+
+def memory_order(t):
+    """t's dimensions from the outermost to the innermost in memory."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+
+
+def flat(t, param):
+    """`t` (the parameter itself, or a tensor shaped like it) as one dimension in the parameter's
+    memory order: a view of the parameter, whose writes reach it; a view or a copy of the others."""
+    if param.is_contiguous():
+        return t.reshape(-1)
+    return t.permute(memory_order(param)).reshape(-1)
+
+
+def _new_state(param, dense, seed):
     if dense:
         return dict(step=0, seed=seed, exp_avg=torch.zeros_like(param, dtype=torch.float32),
                     exp_avg_sq=torch.zeros_like(param, dtype=torch.float32))
@@ -325,7 +362,7 @@ def is_due(group, step):
 
 def check_grad(param):
     if param.grad.is_sparse:
-        raise ValueError("SO does not support sparse gradients")
+        raise RuntimeError("SO does not support sparse gradients")  # torch.optim's error type
     return param.grad
 
 
@@ -345,8 +382,9 @@ def check_group(group, where):
     def number(key):
         return isinstance(group[key], (int, float)) and not isinstance(group[key], bool)
 
-    if not (number("lr") or torch.is_tensor(group["lr"])) or float(group["lr"]) < 0:
-        fail("lr", "a number >= 0")
+    lr = group["lr"]
+    if not (number("lr") or (torch.is_tensor(lr) and lr.numel() == 1)) or float(lr) < 0:
+        fail("lr", "a number >= 0 or a one-element tensor")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):

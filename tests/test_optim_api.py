@@ -48,6 +48,7 @@ def _train(model, opt, iters, start=0, accumulate=1):
         for k in range(accumulate):
             _loss(model, accumulate * i + k).backward()
         opt.step()
+        opt.zero_grad()
         sched.step()
 
 
@@ -90,7 +91,7 @@ def test_step_in_backward_equals_plain_loop(grad_selection, accumulate, weight_d
     _loss(fused, 1).backward()  # after the hooks went: added to what was read
     assert all(p.grad is not None for p in fused.parameters())
     opt_fused.step()
-    assert all(p.grad is None for p in fused.parameters())
+    assert all(p.grad is not None for p in fused.parameters())  # torch's convention: the step leaves .grad
     assert not all(torch.equal(a, b) for a, b in zip(before, fused.parameters()))
 
 
@@ -104,7 +105,7 @@ def test_step_in_backward_leaves_dense_groups_to_the_step():
     assert body.weight.grad is None and head.weight.grad is not None  # Adam needs all of it
     before = head.weight.detach().clone()
     opt.step()
-    assert head.weight.grad is None and not torch.equal(before, head.weight)
+    assert head.weight.grad is not None and not torch.equal(before, head.weight)
     assert opt.state[head.weight]["exp_avg"].shape == head.weight.shape
     assert opt.state[body.weight]["kept"].numel() == 60
 
@@ -307,11 +308,6 @@ def test_group_validation_names_the_group():
     with pytest.raises(ValueError, match=r"density=2: expected a number in \(0, 1\] \(SO param group 1\)"):
         SO([{"params": [torch.zeros(3, requires_grad=True)]},
             {"params": [torch.zeros(3, requires_grad=True)], "density": 2}])
-    with pytest.raises(ValueError, match="not contiguous"):
-        p = torch.zeros(4, 5).t().requires_grad_()
-        opt = SO([p])
-        p.grad = torch.ones(5, 4)
-        opt.step()
 
 
 def test_splitmix_on_tensors_matches_python_ints():
@@ -375,7 +371,7 @@ def test_device_matches_cpu_draws_and_updates(device, in_backward):
     with the gradients read in backward or not (on the CPU: the reads against the plain loop)."""
     opt_c, cpu, opt_o, other, start = _twin_runs(device, in_backward)
     for p, q, p0 in zip(cpu, other, start):
-        assert q.device.type == device and q.grad is None and not torch.equal(p, p0)
+        assert q.device.type == device and (q.grad is None) == in_backward and not torch.equal(p, p0)
         assert torch.equal(opt_c.state[p]["support"], opt_o.state[q]["support"].cpu())
         assert torch.equal(opt_c.state[p]["kept"], opt_o.state[q]["kept"].cpu())
         torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
@@ -401,7 +397,7 @@ def test_bench_helpers():
     adam = [[(20.0, 5.0)], [(80.0, 10.0)], [(5.0, 5.0)]]  # the machine slows down in round 2
     assert summary(so) == (2.0, 22 / 6, 1.0)
     assert paired_ratio(so, adam, 0) == 0.1 and paired_ratio(so, adam, 1) == 0.1
-    assert all(p.grad is None for p in params) and all(int((p != 0).sum()) > 0 for p in params)
+    assert all(int((p != 0).sum()) > 0 for p in params)
     assert state_bytes(opt) == opt.state_bytes() > 3 * 20 * (8 + 8 + 4 + 4)
     opt_twin = SO(twin, density=0.01)
     opt_twin.seed = opt.seed
