@@ -3,11 +3,14 @@
 Composes configs/config.yaml (the datasets' configs come from datasets/catalog.py), checks it, says what
 it will build, seeds everything from `seed`, builds dataset, model and method, and runs one trial
 (trial.run) while holding the run folder's lock. A trial whose results.json came from the same config
-is skipped (force=true re-runs it), so re-running a sweep completes only what is missing; one from
-another config is an error naming the keys that differ. Mistakes in the config, the data or the
-weights print one message (HYDRA_FULL_ERROR=1 shows the traceback); the checks that need no torch run
-before it is imported, those that need no model or data before the model and data are built.
+is skipped and its result printed (force=true re-runs it), so re-running a sweep completes only what
+is missing; one from another config is an error naming the keys that differ, and that trial's files
+stay as they were. Mistakes in the config, the data or the weights print one message
+(HYDRA_FULL_ERROR=1 shows the traceback); the checks that need no torch run before it is imported,
+those that need no model or data before the model and data are built, and a config whose run folder
+would be invalid (shots=0, name=../..) creates none.
 """
+import json
 import logging
 import os
 import sys
@@ -21,9 +24,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datasets.catalog import register_configs
-from so.clip.config import check_run, choice, register_resolvers
+from so.clip.config import ConfigError, check_run, check_run_folder, choice, register_resolvers
 from so.clip.runs import check_finished
-from so.files import RunLock
+from so.files import RunLock, remove_stale_temporaries, write_atomic
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -33,32 +36,54 @@ register_configs()
 register_resolvers()
 
 
+def one_line(error):
+    """An error's own message; for one a DataLoader worker raised, the original's, not the traceback
+    torch wraps around it."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 @contextmanager
-def reported():
-    """A user error: logged (console and main.log) as one line and exit 1; with HYDRA_FULL_ERROR=1,
-    or in a multirun (Hydra runs the other trials, then reports it), raised on."""
+def reported(cleanup=None):
+    """A user error: logged (console, and main.log once the run folder is the trial's) as one line and
+    exit 1; with HYDRA_FULL_ERROR=1, or in a multirun (Hydra runs the other trials, then reports it),
+    raised on. `cleanup()` runs first (the folders Hydra made for a run that has none)."""
     try:
         yield
     except USER_ERRORS as e:
-        log.error("%s  (HYDRA_FULL_ERROR=1 shows the traceback)", e)
+        if cleanup:
+            cleanup()
+        log.error("%s  (HYDRA_FULL_ERROR=1 shows the traceback)", one_line(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)
 
 
-def checked_config(cfg):
-    """The resolved config as a plain dict, after the checks that need nothing but the config."""
+def task_config(cfg):
+    """The trial's config (no hydra key) resolved to a plain dict; name is a string even when given
+    as a number (name=nan, name=2024)."""
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    return config | {"name": str(config["name"])}
+
+
+def checked_config(config, run_dir):
+    """The checks that need nothing but the config (and what it names on disk)."""
     from datasets.base import SAMPLERS, TEMPLATES
 
-    with open_dict(cfg):
-        cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
-    config = OmegaConf.to_container(cfg, resolve=True)
+    refuse_added_keys()
     check_run(config)
     choice("dataset.templates", config["dataset"]["templates"], TEMPLATES)
     choice("fewshot_sampler", config["fewshot_sampler"], SAMPLERS)
     if config["dataset"].get("test_only") and not config["eval_only"] and config["method"]["kind"] != "zeroshot":
         raise ValueError(f"dataset={config['dataset']['name']} has no training split: evaluate a saved ImageNet run "
                          "on it with eval_only=true trained_from=<that run's folder> (README, Domain generalization).")
+    if config["eval_only"]:
+        trained = Path(config["trained_from"] or run_dir).expanduser() / "trained.pt"
+        if not trained.is_file():
+            raise FileNotFoundError(f"eval_only=true: {trained} does not exist; train the trial with save=true "
+                                    "first, or set trained_from=<a run folder that holds trained.pt>.")
     if config["dataset"]["root"] is None:
         raise ValueError("paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
@@ -66,7 +91,18 @@ def checked_config(cfg):
     if not config["dataset"]["generated"] and not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set paths.data_root "
                                 "to the folder that holds the dataset folders (DATASETS.md#layout)")
-    return config
+
+
+def refuse_added_keys():
+    """+key=value adds a key no code reads (and it would enter the trial's identity): refused. Adding a
+    config group (+experiment=demo) is fine."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = HydraConfig.get().runtime.choices
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        if (override.is_add() or override.is_force_add()) and override.key_or_group not in groups:
+            raise ConfigError(f"{override.input_line}: adds the key {override.key_or_group!r}, which nothing reads; "
+                              "set a key that exists without '+' (python main.py dataset=<name> --cfg job lists them).")
 
 
 def check_parts(config):
@@ -96,11 +132,62 @@ def describe(config, run_dir):
             f"{HydraConfig.get().runtime.choices.get('protocol')} -> {run_dir}")
 
 
+def result_line(results, path):
+    """What a finished trial prints on stdout."""
+    head = f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}:"
+    if results["status"] == "diverged":
+        return f"{head} DIVERGED at iteration {results['diverged_at']} -> {path}"
+    novel = (f" (base), novel {results['zeroshot_novel_top1']:.2f} -> {results['novel_top1']:.2f}, "
+             f"HM {results['zeroshot_hm']:.2f} -> {results['hm']:.2f}") if "hm" in results else ""
+    return (f"{head} zero-shot top-1 {results['zeroshot_top1']:.2f}, final top-1 {results['top1']:.2f}{novel} "
+            f"({results['iterations']} iterations) -> {path}")
+
+
+class LogFile:
+    """The job log's file handlers (main.log), held off the root logger until the run folder is this
+    trial's: a run refused before it starts, or skipped, writes nothing into a folder."""
+
+    def __init__(self):
+        root = logging.getLogger()
+        self.handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+        for handler in self.handlers:
+            root.removeHandler(handler)
+
+    def attach(self):
+        for handler in self.handlers:
+            logging.getLogger().addHandler(handler)
+        self.handlers = []
+
+
+def remove_empty_folders(folder, out_root):
+    """The empty folders from `folder` up to, not including, out_root: what Hydra made for a run that
+    was refused."""
+    folder, out_root = Path(folder).absolute(), Path(out_root).expanduser().absolute()
+    while folder != out_root and out_root in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def write_hydra_files(cfg, run_dir):
+    """.hydra/config.yaml and overrides.yaml, as Hydra writes them, once the trial is accepted."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    write_atomic(hydra_dir / "overrides.yaml",
+                 OmegaConf.to_yaml(OmegaConf.create(list(HydraConfig.get().overrides.task))).encode())
+
+
 class OutputFolderCheck(Callback):
-    """Names an output folder that cannot be written, before Hydra sets up its log file there."""
+    """Names an output folder that cannot be written, or that the config would put outside
+    paths.out_root, before Hydra creates it."""
 
     def on_run_start(self, config, **kwargs):
-        _check_writable(Path(config.hydra.run.dir))
+        run_dir = Path(config.hydra.run.dir)
+        _check_writable(run_dir)
+        try:
+            check_run_folder(task_config(config), run_dir)
+        except ConfigError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            sys.exit(1)
 
     def on_multirun_start(self, config, **kwargs):
         _check_writable(Path(config.hydra.sweep.dir))
@@ -117,10 +204,18 @@ def _check_writable(folder):
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log_file = LogFile()
+    with open_dict(cfg):
+        cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
+    config = task_config(cfg)
+    with reported(cleanup=lambda: remove_empty_folders(run_dir, config["paths"]["out_root"])):
+        check_run_folder(config, run_dir)
+    finished = (run_dir / "results.json").is_file()
+    if not finished:
+        log_file.attach()
     with reported():
-        config = checked_config(cfg)
+        checked_config(config, run_dir)
         log.info("%s", describe(config, run_dir))
-        check_parts(config)
     lock = RunLock(run_dir)
     with lock as held:
         if not held:
@@ -128,23 +223,21 @@ def main(cfg: DictConfig):
                         "it has finished.", run_dir, lock.holder())
             return
         with reported():
-            if not cfg.force and check_finished(run_dir, config):
-                log.info("Skipping %s: results.json exists, from this config (force=true re-runs it).",
-                         run_dir)
+            if finished and not cfg.force and check_finished(run_dir, config):  # before torch: a re-run
+                log.info("Skipping %s: results.json exists, from this config (force=true re-runs it).", run_dir)
+                print(result_line(json.loads((run_dir / "results.json").read_text()), run_dir / "results.json"),
+                      "(already run)")  # of a finished sweep skips each trial in a second
                 return
+            log_file.attach()
+            check_parts(config)
+            for stale in remove_stale_temporaries(run_dir):
+                log.info("Removed %s, left by a write that was killed.", stale.name)
+            write_hydra_files(cfg, run_dir)
             parts = build(cfg)
-        import trial
+            import trial
 
-        results = trial.run(cfg, parts, run_dir)
-    if results["status"] == "diverged":
-        print(f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}: "
-              f"DIVERGED at iteration {results['diverged_at']} -> {run_dir / 'results.json'}")
-        return
-    novel = (f" (base), novel {results['zeroshot_novel_top1']:.2f} -> {results['novel_top1']:.2f}, "
-             f"HM {results['zeroshot_hm']:.2f} -> {results['hm']:.2f}") if "hm" in results else ""
-    print(f"{results['dataset']} {results['shots']}-shot seed {results['seed']} {results['method']}: "
-          f"zero-shot top-1 {results['zeroshot_top1']:.2f}, final top-1 {results['top1']:.2f}{novel} "
-          f"({results['iterations']} iterations) -> {run_dir / 'results.json'}")
+            results = trial.run(cfg, parts, run_dir)
+    print(result_line(results, run_dir / "results.json"))
 
 
 def build(cfg):

@@ -84,7 +84,7 @@ def run(cfg, parts, run_dir):
     zeroshot_top1 = evaluate(model, prompts, loader, cfg.precision, device, "zero-shot eval")
     zeroshot_novel = on_novel("zero-shot eval, novel classes") if on_novel else None
     log.info("zero-shot top-1: %.2f", zeroshot_top1)
-    done, seconds, probe, curve_images = train.Outcome(), 0.0, None, None
+    done, seconds, probe, curve_images, counts = train.Outcome(), 0.0, None, None, None
     if cfg.eval_every:  # the curve's top-1, on the whole test split or a seeded subset of it
         subset = eval_subset(dataset.test, cfg.eval_subset, cfg.seed)
         curve_images = len(subset)
@@ -94,7 +94,6 @@ def run(cfg, parts, run_dir):
     if cfg.eval_only:
         load_trained(method, model, Path(cfg.trained_from or run_dir) / "trained.pt")
     elif method.optimizer is not None:
-        counts = None
         if cfg.count_updates and method.counts_updates:
             counts = UpdateCounts(method.optimizer, {p: n for n, p in method.trainable.items()})
         elif cfg.count_updates:
@@ -103,16 +102,16 @@ def run(cfg, parts, run_dir):
         start = time.perf_counter()
         done = train.train(cfg, model, prompts, method, dataset.train_x, device, wandb_run, counts, probe)
         seconds = time.perf_counter() - start
-        if cfg.save and not done.diverged_at:
-            save_trained(method, model, run_dir / "trained.pt")
-        if counts is not None:
-            counts.save(run_dir / "update_counts.pt")
     top1 = novel_top1 = None
     if not done.diverged_at:
         top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
         novel_top1 = on_novel("final eval, novel classes") if on_novel else None
         log.info("final top-1: %.2f (%d iterations%s)", top1, done.iterations,
                  ", stopped early" if done.stopped_early else "")
+        if cfg.save and method.optimizer is not None and not cfg.eval_only:  # after the result is logged,
+            save_trained(method, model, run_dir / "trained.pt")  # so that a full disk loses no top-1
+    if counts is not None:
+        counts.save(run_dir / "update_counts.pt")
 
     results = {
         "dataset": dataset.name,

@@ -1,6 +1,6 @@
 """Check a data root: which of the 11 benchmarks are usable, and what is missing for the others.
 
-    python -m datasets.check --root $DATA [names ...]     (names: also imagenet_v2, imagenet_sketch, ...)
+    python -m datasets.check [--root $DATA] [names ...]   (names: also imagenet_v2, imagenet_sketch, ...)
 
 For each benchmark it finds the folder (CoOp name or a fork alias), reads the split/annotation files,
 validates labels and paths, and checks that every listed image file exists (it does not decode them).
@@ -8,6 +8,7 @@ Nothing is written. Exit code: 0 when every checked benchmark is usable, 1 when 
 usage error.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,10 +34,13 @@ def check(name, root):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m datasets.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="the data root ($DATA) holding the dataset folders")
+    parser.add_argument("--root", default=os.environ.get("DATA") or None,
+                        help="the data root holding the dataset folders (default: $DATA)")
     parser.add_argument("names", nargs="*", metavar="name",
                         help=f"default: all of {', '.join(BENCHMARKS)}; also {', '.join(DG_TARGETS)}")
     args = parser.parse_args(argv)
+    if not args.root:
+        parser.error("no data root: pass --root /path/to/data or set DATA (DATASETS.md#layout)")
     unknown = sorted(set(args.names) - set(BENCHMARKS) - set(DG_TARGETS))
     if unknown:
         parser.error(f"unknown dataset name(s) {', '.join(unknown)}; expected some of "

@@ -23,7 +23,10 @@ Writes to OUT_FOLDER:
 - curves.csv and curves_<K>shot.png, for trials run with eval_every: top-1 against iterations, mean
   and band (± std) over seeds, one line per row, one panel per dataset.
 - diverged.txt: trials whose training diverged (status "diverged" in results.json), left out of every
-  mean and listed here.
+  mean and listed here; unreadable.txt: results.json files that cannot be read (a truncated file), left
+  out, each with why.
+A cell is the mean over the seeds of one config: seeds trained with different configs (another lr for
+one of them) stop the aggregation with the keys and files that differ.
 - missing.txt: trials of the expected grid (every row x dataset x shots x seed seen, zero-shot once per
   dataset) without a results.json, one per line as Hydra overrides; duplicates.txt: results.json files
   that repeat a trial (same name, dataset, method, shots, seed); the first path in sorted order is used.
@@ -45,6 +48,7 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from datasets.catalog import BENCHMARKS, DG_TARGETS  # noqa: E402  (the paper's column order)
 from datasets.classes import harmonic_mean  # noqa: E402
+from so.clip.runs import identity  # noqa: E402
 
 PAPER_ORDER = list(BENCHMARKS)
 KEY = ["name", "dataset", "method", "shots", "seed"]
@@ -66,19 +70,50 @@ def t975(dof):
 
 
 def load(folder):
-    """One row per results.json: the trial key, top1 and the file's path."""
+    """One row per readable results.json: the trial key, top1, the file's path and the identity of
+    its config less the seed; and the files that could not be read, each with why."""
     paths = sorted(Path(folder).rglob("results.json"))
     if not paths:
         raise SystemExit(f"aggregate.py: no results.json under {folder}")
-    rows = []
+    rows, unreadable = [], []
     for path in paths:
-        res = json.loads(path.read_text())
-        missing = [k for k in KEY + ["top1"] if k not in res]
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON (a truncated file)
+            unreadable.append(f"{path}: {e}")
+            continue
+        missing = [k for k in KEY + ["top1"] if k not in res] if isinstance(res, dict) else KEY + ["top1"]
         if missing:
-            raise SystemExit(f"aggregate.py: {path} lacks {', '.join(missing)} (expected a results.json of main.py)")
+            unreadable.append(f"{path}: lacks {', '.join(missing)} (not a results.json of main.py)")
+            continue
         rows.append({**{k: res[k] for k in KEY + ["top1"]}, "status": res.get("status", "finished"),
-                     "novel_top1": res.get("novel_top1"), "curve": res.get("curve") or None, "path": str(path)})
-    return pd.DataFrame(rows).astype({"name": str})
+                     "novel_top1": res.get("novel_top1"), "curve": res.get("curve") or None, "path": str(path),
+                     "identity": cell_identity(res.get("config") or {})})
+    if not rows:
+        raise SystemExit(f"aggregate.py: no readable results.json under {folder}: {unreadable[0]}")
+    return pd.DataFrame(rows).astype({"name": str}), unreadable
+
+
+def cell_identity(config):
+    """What must agree across the seeds of a cell: the trial's identity less its seed (and
+    trained_from, which names each seed's own run)."""
+    return {k: v for k, v in identity(config).items() if k not in ("seed", "trained_from")}
+
+
+def check_cells(df):
+    """A cell's mean is over trials of one config: stop, naming the cell, the keys and the files, when
+    its seeds were trained with different configs (another lr for one seed, ...)."""
+    for key, cell_rows in df.groupby(["name", "dataset", "method", "shots"]):
+        first = cell_rows.iloc[0]
+        for _, other in cell_rows.iloc[1:].iterrows():
+            differ = sorted(k for k in first["identity"].keys() | other["identity"].keys()
+                            if first["identity"].get(k, "<absent>") != other["identity"].get(k, "<absent>"))
+            if differ:
+                shown = "; ".join(f"{k}: {first['identity'].get(k, '<absent>')!r} in {first['path']}, "
+                                  f"{other['identity'].get(k, '<absent>')!r} in {other['path']}" for k in differ[:4])
+                raise SystemExit(f"aggregate.py: the cell {key[2]} {key[3]}-shot on {key[1]} (name {key[0]}) mixes "
+                                 f"trials of different configs: {shown}. A cell averages the seeds of one config: "
+                                 "give the other config its own name=, or move those results away.")
 
 
 def label_rows(df):
@@ -300,9 +335,10 @@ def main(argv):
     out = Path(args[1]) if len(args) == 2 else folder / "aggregate"
     out.mkdir(parents=True, exist_ok=True)
 
-    df = load(folder)
+    df, unreadable = load(folder)
     repeated = df[df.duplicated(KEY, keep=False)]
     df = df.drop_duplicates(KEY).assign(row=lambda d: label_rows(d))
+    check_cells(df)
     missing = missing_trials(df)  # a diverged trial is done: re-running the sweep skips it
     diverged = df[df["status"] == "diverged"]
     (out / "diverged.txt").write_text("".join(p + "\n" for p in diverged["path"]))
@@ -347,12 +383,16 @@ def main(argv):
             plt.close(fig)
     (out / "missing.txt").write_text("".join(line + "\n" for line in missing))
     (out / "duplicates.txt").write_text("".join(p + "\n" for p in repeated["path"]))
+    (out / "unreadable.txt").write_text("".join(line + "\n" for line in unreadable))
 
     print("\n".join(markdown + versus_md))
     print(f"{len(df)} trials, {len(missing)} missing (missing.txt), {len(repeated)} files in duplicated trials "
           f"(duplicates.txt). Re-running the sweep script launches only the missing trials.")
     if len(diverged):
         print(f"{len(diverged)} diverged trials are left out of every mean (diverged.txt).")
+    if unreadable:
+        print(f"{len(unreadable)} results.json could not be read and are left out (unreadable.txt), e.g. "
+              f"{unreadable[0]}")
     wrote = "tables.md, table_<K>shot.csv, summary.csv, " + ("paper.md, paper.csv, " if versus_md else "")
     print(f"Wrote {wrote}accuracy_vs_shots.png to {out}")
 

@@ -11,3 +11,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+from datasets.catalog import register_configs  # noqa: E402  (what main.py registers: tests compose configs too)
+from so.clip.config import register_resolvers  # noqa: E402
+
+register_configs()
+register_resolvers()

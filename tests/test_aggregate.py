@@ -65,7 +65,7 @@ def test_tables_have_rows_columns_means_and_stds(main_table, tmp_path):
     agg = tmp_path / "agg"
     assert sorted(p.name for p in agg.iterdir()) == [
         "accuracy_vs_shots.png", "diverged.txt", "duplicates.txt", "missing.txt", "paper.csv", "paper.md",
-        "summary.csv", "table_1shot.csv", "table_2shot.csv", "tables.md"]
+        "summary.csv", "table_1shot.csv", "table_2shot.csv", "tables.md", "unreadable.txt"]
     one = pd.read_csv(agg / "table_1shot.csv", index_col="method", keep_default_na=False)
     assert list(one.index) == ["zeroshot", "adam", "so"]
     assert list(one.columns) == ["eurosat", "dtd", "Average"]  # the paper's dataset order
@@ -137,8 +137,33 @@ def test_bad_input_names_the_folder_or_file(tmp_path):
     bad = tmp_path / "x" / "results.json"
     bad.parent.mkdir()
     bad.write_text(json.dumps({"dataset": "dtd", "top1": 1.0}))
-    assert f"{bad} lacks name, method, shots, seed" in aggregate_error(tmp_path)
+    assert f"{bad}: lacks name, method, shots, seed" in aggregate_error(tmp_path)
     assert "RESULTS_FOLDER [OUT_FOLDER]" in aggregate_error()
+
+
+def test_a_truncated_results_json_is_named_skipped_and_listed(main_table, tmp_path, capsys):
+    cut = main_table / "main_table" / "dtd" / "adam" / "1shot" / "seed1" / "results.json"
+    cut.write_text(cut.read_text()[:20])
+    stdout = aggregate(capsys, main_table, tmp_path / "agg")
+    (line,) = (tmp_path / "agg" / "unreadable.txt").read_text().splitlines()
+    assert line.startswith(f"{cut}: ") and "1 results.json could not be read" in stdout and str(cut) in stdout
+    one = pd.read_csv(tmp_path / "agg" / "table_1shot.csv", index_col="method", keep_default_na=False)
+    assert one.loc["adam", "dtd"] == "44.50 ± 0.71"  # seeds 2 and 3 alone: 44 and 45 (the fixture's 42 + seed)
+    assert "name=main_table dataset=dtd method=adam shots=1 seed=1" in (tmp_path / "agg" / "missing.txt").read_text()
+
+
+def test_a_cell_of_seeds_trained_with_different_configs_stops_naming_the_keys(tmp_path):
+    """Seed 1 at lr 1e-3 and seed 2 at lr 2e-4 are not one cell's mean ± std."""
+    out = tmp_path / "out"
+    config = {"name": "mixed", "shots": 4, "seed": 1, "optimizer": {"name": "adam", "lr": 2e-4},
+              "paths": {"out_root": "outputs"}, "num_workers": 8}
+    first = write(out, "mixed", "dtd", "adam", 4, 1, 50.0, config=config | {"optimizer": {"name": "adam", "lr": 1e-3}})
+    write(out, "mixed", "dtd", "adam", 4, 2, 52.0, config=config | {"seed": 2, "num_workers": 2})
+    message = aggregate_error(out)
+    assert "the cell adam 4-shot on dtd (name mixed) mixes trials of different configs" in message
+    assert f"optimizer.lr: 0.001 in {first}" in message and "0.0002 in" in message and "num_workers" not in message
+    write(out, "mixed", "dtd", "adam", 4, 1, 50.0, config=config)  # the same config: one cell again
+    assert aggregate_cli(out)
 
 
 def test_measured_vs_paper_gives_each_cell_its_difference_or_marks_it(tmp_path, capsys):

@@ -152,3 +152,14 @@ def test_check_lists_usable_and_missing(tmp_path, capsys):
     assert run("dtd").returncode == 0 and "1 of 1 usable" in run("dtd").stdout
     assert run("dtd", "food101").returncode == 1
     assert run("dtd2").returncode == 2
+
+
+def test_check_reads_the_data_root_from_DATA_and_says_when_neither_is_set(tmp_path, monkeypatch, capsys):
+    write_benchmark(tmp_path, "dtd")
+    monkeypatch.setenv("DATA", str(tmp_path))
+    assert check.main(["dtd"]) == 0 and "1 of 1 usable" in capsys.readouterr().out
+    monkeypatch.delenv("DATA")
+    with pytest.raises(SystemExit) as exit_:
+        check.main(["dtd"])
+    assert exit_.value.code == 2
+    assert "no data root: pass --root /path/to/data or set DATA" in capsys.readouterr().err

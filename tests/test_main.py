@@ -42,8 +42,8 @@ def test_demo_writes_results_overrides_reach_the_harness_and_reruns_skip(tmp_pat
     proc = main_py(tmp_path, *DEMO, "shots=2", "seed=3")
     assert "zero-shot top-1" in proc.stdout and "final top-1" in proc.stdout
     (path, res), = results(tmp_path).items()
-    assert path == "demo/synthetic/adam/2shot/seed3/results.json"
-    assert (res["dataset"], res["shots"], res["seed"], res["method"], res["name"]) == ("synthetic", 2, 3, "adam", "demo")
+    assert path == "debug/synthetic/adam/2shot/seed3/results.json"  # debug=fast: a name of its own
+    assert (res["dataset"], res["shots"], res["seed"], res["method"], res["name"]) == ("synthetic", 2, 3, "adam", "debug")
     assert res["config"]["shots"] == 2 and res["config"]["seed"] == 3
     assert res["iterations"] == 4 and res["stopped_early"] is False
     for key in ("zeroshot_top1", "top1"):
@@ -64,7 +64,7 @@ def test_demo_writes_results_overrides_reach_the_harness_and_reruns_skip(tmp_pat
 
 def test_multirun_writes_one_results_file_per_trial(tmp_path):
     main_py(tmp_path, *DEMO, "seed=1,2", "shots=1,2", multirun=True)
-    assert sorted(results(tmp_path)) == [f"demo/synthetic/adam/{k}shot/seed{s}/results.json"
+    assert sorted(results(tmp_path)) == [f"debug/synthetic/adam/{k}shot/seed{s}/results.json"
                                          for k in (1, 2) for s in (1, 2)]
 
 
@@ -176,7 +176,7 @@ def test_two_identical_trials_launched_together_train_once(tmp_path):
 
 
 def test_a_killed_trials_lock_does_not_block_the_rerun(tmp_path):
-    run_dir = tmp_path / "out" / "demo" / "synthetic" / "adam" / "4shot" / "seed1"
+    run_dir = tmp_path / "out" / "debug" / "synthetic" / "adam" / "4shot" / "seed1"
     code = ("import sys, time; from so.files import RunLock\n"
             "with RunLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,

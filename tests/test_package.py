@@ -55,6 +55,10 @@ def test_the_wheel_imports_module_by_module_in_a_fresh_venv(wheel, tmp_path):
     assert {"so", "so.optim", "so.rule", "so.batched", "so.files", "so.clip.model", "so.clip.methods", "so.clip.optimizers"} <= modules.keys()
     with zipfile.ZipFile(wheel) as archive:
         assert "so/clip/model_configs/so-tiny.json" in archive.namelist()
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith("/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].split(";")[0].strip() for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert {r.split(">")[0] for r in requires if "extra" not in r} >= {"torch", "numpy"}  # torch warns without numpy
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

@@ -143,3 +143,40 @@ def test_a_result_of_the_earlier_layout_is_the_same_trial(tmp_path, name):
         files.write_json_atomic(tmp_path / "results.json", {"config": changed})
         with pytest.raises(runs.TrialMismatch, match="optimizer.lr: 0.001 there, 0.0002 now"):
             runs.check_finished(tmp_path, now)
+
+
+def test_the_lock_never_follows_a_symbolic_link(tmp_path):
+    """A .lock planted as a link to another file must not get that file truncated and overwritten."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(victim)
+    with pytest.raises(OSError, match=r"\.lock is a symbolic link; a run folder's lock must be a regular file"):
+        with files.RunLock(run_dir):
+            pass
+    assert victim.read_text() == "precious"
+    (run_dir / ".lock").unlink()
+    (run_dir / ".lock").mkdir()
+    with pytest.raises(OSError, match="is not a regular file"):
+        with files.RunLock(run_dir):
+            pass
+
+
+def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    files.write_json_atomic(path, {"top1": 1.0})
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: DiskFull(fdopen(*a, **k)))
+    with pytest.raises(OSError, match=rf"cannot write {path}: No space left on device") as error:
+        files.write_json_atomic(path, {"top1": 2.0})
+    assert error.value.errno == 28 and json.loads(path.read_text()) == {"top1": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_stale_temporaries_are_removed_and_results_kept(tmp_path):
+    for name in (".results.json.abc123.tmp", ".trained.pt.x.tmp", "results.json", "keep.tmp"):
+        (tmp_path / name).write_text("x")
+    removed = files.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".results.json.abc123.tmp", ".trained.pt.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "results.json"]

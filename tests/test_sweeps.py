@@ -65,14 +65,15 @@ def test_a_rerun_skips_every_trial_and_completes_only_a_deleted_one(swept):
     before = mtimes(out)
     again = sweep(out)
     assert (again.stdout + again.stderr).count("Skipping ") == 8 and mtimes(out) == before
-    assert "(2 iterations) -> " not in again.stdout
+    printed = [line for line in again.stdout.splitlines() if "(2 iterations) -> " in line]
+    assert len(printed) == 8 and all(line.endswith("(already run)") for line in printed)  # stored, not run
 
     deleted = trial_dir(out, lines[-1]) / "results.json"
     deleted.unlink()
     third = sweep(out)
     log = third.stdout + third.stderr
     assert log.count("Skipping ") == 7 and f"Skipping {deleted.parent}" not in log
-    assert third.stdout.count("(2 iterations) -> ") == 1 and f"(2 iterations) -> {deleted}" in third.stdout
+    assert third.stdout.count("(already run)") == 7 and f"(2 iterations) -> {deleted}\n" in third.stdout
     after = mtimes(out)
     assert after.keys() == before.keys()
     assert [p for p in after if after[p] != before[p]] == [deleted]

@@ -1,5 +1,6 @@
 """CLIP weights from files and tags: every format by its content, no file runs code, clear errors."""
 import pickle
+import re
 
 import open_clip
 import pytest
@@ -97,8 +98,44 @@ def test_a_truncated_file_is_named(tmp_path, tiny_state):
     path = tmp_path / "partial.bin"
     torch.save(tiny_state, path)
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ValueError, match="partial.bin: not a weights file torch can read"):
+    with pytest.raises(ValueError, match="partial.bin: not a weights file: read as a torch.save file, it fails"):
         build_clip("so-tiny", str(path))
+
+
+def _truncated_safetensors(path, state):
+    from safetensors.torch import save_file
+
+    save_file(state, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _constants_zip(path, state):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:  # looks like TorchScript (constants.pkl), is not
+        archive.writestr("model/constants.pkl", b"not a pickle")
+
+
+@pytest.mark.parametrize("name, write, read_as", [
+    ("cut.safetensors", _truncated_safetensors, "a safetensors file"),
+    ("notes.pt", lambda path, state: path.write_text("these are not weights\n"), "a torch.save file"),
+    ("fake.pt", _constants_zip, "a TorchScript archive"),
+    ("empty.pt", lambda path, state: path.write_bytes(b""), "a torch.save file")])
+def test_a_file_that_is_not_weights_is_named_with_what_it_was_read_as(tmp_path, tiny_state, name, write, read_as):
+    path = tmp_path / name
+    write(path, tiny_state)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a weights file: read as {read_as}, it fails"):
+        build_clip("so-tiny", str(path))
+
+
+def test_the_offline_message_says_why_it_is_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache and your environment sets HF_HUB_OFFLINE=1"):
+        build_clip("ViT-B-16-quickgelu", "openai")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("so.clip.weights._hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache and huggingface.co cannot be reached"):
+        build_clip("ViT-B-16-quickgelu", "openai")
 
 
 def test_hub_tag_fails_fast_offline_naming_local_file(monkeypatch):

@@ -42,42 +42,55 @@ def resolve(name, pretrained):
     cached = _cached_hub_file(cfg["hf_hub"])
     if cached:
         return cached, preprocess
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        raise FileNotFoundError(
-            f"Cannot fetch the weights of {name} tag {pretrained!r}: they are not in the Hugging Face "
-            f"cache and the hub is unreachable (HF_HUB_OFFLINE=1). {LOCAL_FILE_HINT}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # nothing later in this process waits on the hub
+        why = "your environment sets HF_HUB_OFFLINE=1" if offline else "huggingface.co cannot be reached"
+        raise FileNotFoundError(f"Cannot fetch the weights of {name} tag {pretrained!r}: they are not in the "
+                                f"Hugging Face cache and {why}. {LOCAL_FILE_HINT}")
     return open_clip.download_pretrained(cfg), preprocess
 
 
 def read_state_dict(path, allow_unsafe_pickle=False):
-    """The tensors of a weights file, by its content: TorchScript, safetensors or torch.save."""
+    """The tensors of a weights file, by its content: TorchScript, safetensors or torch.save. A file
+    that cannot be read as what it looks like is named, with what it was read as."""
     if _is_torchscript(path):
-        state = torch.jit.load(path, map_location="cpu").state_dict()
+        state = _read(path, "a TorchScript archive", lambda: torch.jit.load(path, map_location="cpu").state_dict())
         for key in TORCHSCRIPT_EXTRAS:
             state.pop(key, None)
     elif _is_safetensors(path):
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        state = _read(path, "a safetensors file", lambda: load_file(path))
     else:
         if allow_unsafe_pickle:
             log.warning("Loading %s with weights_only=False (model.allow_unsafe_pickle=true): the file "
                         "can run code.", path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-        except pickle.UnpicklingError as e:
-            reason = str(e).strip().splitlines()[0]
-            raise ValueError(f"{path}: holds Python objects besides tensors, which are not loaded "
-                             f"because unpickling them can run code ({reason}). A file you trust "
-                             "loads with model.allow_unsafe_pickle=true.") from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not a weights file torch can read ({e}).") from None
+        state = _read(path, "a torch.save file", lambda: torch.load(path, map_location="cpu",
+                                                                    weights_only=not allow_unsafe_pickle))
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}.")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _read(path, what, read):
+    """read(), its errors turned into one that names the file and what it was read as."""
+    try:
+        return read()
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise ValueError(f"{path}: not a weights file: read as {what}, it fails ({reason}).") from None
+        raise ValueError(f"{path}: holds Python objects besides tensors, which are not loaded "
+                         f"because unpickling them can run code ({reason}). A file you trust "
+                         "loads with model.allow_unsafe_pickle=true.") from None
+    except Exception as e:  # torch.jit, safetensors and the unpickler raise many types for a bad file
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ValueError(f"{path}: not a weights file: read as {what}, it fails ({reason}). Download it "
+                         "again, or pass the file it should be.") from None
 
 
 def load_into(model, state, path, name):
