@@ -109,13 +109,13 @@ def check_parts(config):
     """The checks that need torch but no model or data: the method, the optimizer, their pairing,
     precision, compile, the logger."""
     from so.clip.methods import check_method
-    from so.clip.optimizers import check_optimizer
+    from so.clip.optimizers import check_optimizer, reads_in_backward
     from so.clip.runtime import COMPILE_MODES, check_precision
     from so.clip.tracking import resolve_mode
 
     check_method(config["method"], config["optimizer"])
     check_optimizer(config["optimizer"])
-    check_precision(config["precision"], bool(config["optimizer"].get("step_in_backward")))
+    check_precision(config["precision"], reads_in_backward(config["optimizer"]))
     choice("compile", config["compile"], COMPILE_MODES)
     resolve_mode(config["logger"]["mode"])
 
@@ -245,7 +245,7 @@ def build(cfg):
     after the checks."""
     from datasets import build_dataset
     from so.clip.methods import build_method
-    from so.clip.model import build_clip
+    from so.clip.model import build_clip, state_digest
     from so.clip.runtime import resolve_device, resolve_precision, seed_everything, set_tf32
     from trial import Parts
 
@@ -264,8 +264,9 @@ def build(cfg):
     model, eval_transform, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, device=device,
                                                   allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    weights = state_digest(model)  # before the method adds or changes anything: zero-shot's cache key
     method = build_method(config["method"], config["optimizer"], model, seed=cfg.seed)
-    return Parts(model, eval_transform, tokenizer, dataset, method, device)
+    return Parts(model, eval_transform, tokenizer, dataset, method, device, weights)
 
 
 def recipe(**overrides):

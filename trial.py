@@ -5,6 +5,8 @@ run_dir/results.json: the trial's key, status (finished or diverged), zero-shot 
 iterations, train seconds, trainable parameters, peak GPU memory and the resolved config. With
 base_to_novel, training and `top1` are on the base classes, and the novel classes are evaluated too.
 """
+import hashlib
+import json
 import logging
 import random
 import time
@@ -19,8 +21,10 @@ from tqdm import tqdm
 import train
 from datasets.classes import base_and_novel, harmonic_mean
 from datasets.pipeline import test_loader
+from datasets.test_cache import TestImages
+from datasets.test_cache import key as test_key
 from so.clip.methods import Method, load_trained, save_trained
-from so.clip.runtime import autocast
+from so.clip.runtime import autocast, resolve_precision
 from so.clip.step import Prompts
 from so.clip.tracking import start_run
 from so.clip.updates import UpdateCounts
@@ -38,6 +42,7 @@ class Parts:
     dataset: object          # datasets.FewShotDataset
     method: Method
     device: torch.device
+    weights_digest: str      # so.clip.model.state_digest of the model before the method changed it
 
 
 @torch.no_grad()
@@ -56,11 +61,41 @@ def evaluate(model, prompts, loader, precision, device, desc):
 
 
 def eval_subset(records, size, seed):
-    """`size` of the test records, drawn with random.Random(seed), in split order; all of them when
-    size is 0 or not smaller than the split."""
+    """The indices of `size` of the test records, drawn with random.Random(seed), in split order; all
+    of them when size is 0 or not smaller than the split."""
     if not size or size >= len(records):
-        return records
-    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), size))]
+        return list(range(len(records)))
+    return sorted(random.Random(seed).sample(range(len(records)), size))
+
+
+def test_set(name, records, parts, cfg):
+    """Batches of the test records: from the split decoded once (datasets.test_cache) unless
+    cache_test_split=false or the transform is not open_clip's shape; else streamed and decoded."""
+    cached = cfg.cache_test_split and TestImages.of(name, records, parts.eval_transform, cfg.eval_batch_size,
+                                                    parts.device, cfg.paths.cache_dir)
+    return cached or test_loader(records, parts.eval_transform, cfg.eval_batch_size, cfg.num_workers)
+
+
+def zeroshot_eval(parts, prompts, records, loader, cfg, desc):
+    """Zero-shot top-1, computed once per content: the model's weights before the method changed them,
+    the test records (and their files' size and time), the prompts, the transform, the precision and
+    the device type key a result under <cache_dir>/zeroshot/, which every later trial reuses."""
+    precision = resolve_precision(cfg.precision, parts.device)
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (parts.weights_digest, test_key(records, parts.eval_transform, ""), precision, parts.device.type):
+        digest.update(f"{part}\0".encode())
+    digest.update(prompts.tokens.cpu().numpy().tobytes())
+    path = Path(cfg.paths.cache_dir).expanduser() / "zeroshot" / f"{digest.hexdigest()}.json"
+    if path.is_file():
+        top1 = json.loads(path.read_text())["top1"]
+        log.info("%s: top-1 %.2f reused from %s (the same weights, images, prompts and precision).", desc, top1, path)
+        return top1
+    top1 = evaluate(parts.model, prompts, loader, cfg.precision, parts.device, desc)
+    try:
+        write_json_atomic(path, {"top1": top1, "images": len(records), "model": cfg.model.name})
+    except OSError as e:  # a cache: the trial goes on without it
+        log.warning("%s: the result is not cached (%s).", desc, e)
+    return top1
 
 
 def run(cfg, parts, run_dir):
@@ -72,24 +107,26 @@ def run(cfg, parts, run_dir):
     dataset, novel = base_and_novel(parts.dataset) if cfg.base_to_novel else (parts.dataset, None)
     wandb_run = start_run(cfg.logger, config, run_dir, f"{dataset.name}-{method.name}-{cfg.shots}shot-seed{cfg.seed}")
     prompts = Prompts(dataset, parts.tokenizer, device)
-    loader = test_loader(dataset.test, parts.eval_transform, cfg.eval_batch_size, cfg.num_workers)
+    loader = test_set(dataset.name, dataset.test, parts, cfg)
     on_novel = None
     if novel is not None:
         novel_prompts = Prompts(novel, parts.tokenizer, device)
-        novel_loader = test_loader(novel.test, parts.eval_transform, cfg.eval_batch_size, cfg.num_workers)
+        novel_loader = test_set(dataset.name, novel.test, parts, cfg)
         on_novel = lambda desc: evaluate(model, novel_prompts, novel_loader, cfg.precision, device, desc)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    zeroshot_top1 = evaluate(model, prompts, loader, cfg.precision, device, "zero-shot eval")
-    zeroshot_novel = on_novel("zero-shot eval, novel classes") if on_novel else None
+    zeroshot_top1 = zeroshot_eval(parts, prompts, dataset.test, loader, cfg, "zero-shot eval")
+    zeroshot_novel = zeroshot_eval(parts, novel_prompts, novel.test, novel_loader, cfg,
+                                   "zero-shot eval, novel classes") if on_novel else None
     log.info("zero-shot top-1: %.2f", zeroshot_top1)
     done, seconds, probe, curve_images, counts = train.Outcome(), 0.0, None, None, None
     if cfg.eval_every:  # the curve's top-1, on the whole test split or a seeded subset of it
         subset = eval_subset(dataset.test, cfg.eval_subset, cfg.seed)
         curve_images = len(subset)
-        probe_loader = loader if subset is dataset.test else test_loader(subset, parts.eval_transform,
-                                                                         cfg.eval_batch_size, cfg.num_workers)
+        probe_loader = loader if len(subset) == len(dataset.test) else (
+            loader.subset(subset) if isinstance(loader, TestImages) else
+            test_loader([dataset.test[i] for i in subset], parts.eval_transform, cfg.eval_batch_size, cfg.num_workers))
         probe = lambda: evaluate(model, prompts, probe_loader, cfg.precision, device, "curve eval")  # noqa: E731
     if cfg.eval_only:
         load_trained(method, model, Path(cfg.trained_from or run_dir) / "trained.pt")
@@ -99,6 +136,9 @@ def run(cfg, parts, run_dir):
         elif cfg.count_updates:
             log.warning("count_updates=true ignored: optimizer=%s keeps no per-entry state to count (only SO does).",
                         cfg.optimizer.name)
+        if cfg.compile != "none" and cfg.optimizer.get("sparse_backward"):
+            log.info("compile=%s: the layers SO steps with sparse_backward run eagerly (a graph break each): "
+                     "their backward calls the optimizer.", cfg.compile)
         start = time.perf_counter()
         done = train.train(cfg, model, prompts, method, dataset.train_x, device, wandb_run, counts, probe)
         seconds = time.perf_counter() - start

@@ -226,28 +226,42 @@ class SO(Optimizer):
         support's at a redraw, which needs the whole gradient of the step."""
         if param.grad is None:
             return
+        check_grad(param)
+        support = self.backward_support(param)
+        if support is None:
+            return
+        self.add_grad_at_support(param, grad_at(flat(param, param), flat(param.grad, param), support, 0.0))
+        if free:
+            param.grad = None
+
+    def backward_support(self, param):
+        """The support (flat indices in `param`'s memory order) at which the next step reads its
+        gradient, drawn now where that step redraws (draws are keyed by step: the same supports
+        step() would draw); None where the step needs the whole gradient: a dense group, or a topk
+        support at its redraw. For so.sparse_grad and the hooks of step_in_backward."""
         if id(param) not in self._group_of:
             self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         group = self._group_of.get(id(param))
         if group is None:
-            raise ValueError("SO.read_grad: the parameter is not in this optimizer")
+            raise ValueError("SO: the parameter is not in this optimizer")
         if group["dense"]:
-            return
-        check_grad(param)
+            return None
         (state,) = self._states(group, [param])
         step = state["step"] + 1
         if (param not in self._reads and is_due(group, step)
                 and self._drawn_ahead.get(param) != step):
             if group["grad_selection"] == "topk":
-                return
+                return None
             self._draw_ahead(group)
-        values = grad_at(flat(param, param), flat(param.grad, param), state["support"], 0.0)  # a new tensor
+        return state["support"]
+
+    def add_grad_at_support(self, param, values):
+        """Add `values`, the gradient at backward_support(param) in fp32 (weight decay not added), to
+        what the next step applies; several backward passes add up, as gradients do."""
         if param in self._reads:
             self._reads[param].values += values
         else:
             self._reads[param] = GradAtSupport(values)
-        if free:
-            param.grad = None
 
     def _draw_ahead(self, group):
         """Draw, in one batch, the supports of every tensor of the group whose next step

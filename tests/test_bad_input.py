@@ -124,12 +124,14 @@ def _bomb(path):
     Image.new("1", (2 * Image.MAX_IMAGE_PIXELS // 9000 + 1, 9000)).save(path, format="PNG")
 
 
-@pytest.mark.parametrize("damage, split", [(_zero_bytes, "test"), (_truncated, "test"), (_not_an_image, "test"),
-                                           (_bomb, "test"), (_truncated, "train")],
-                         ids=["zero_bytes", "truncated", "not_an_image", "bomb", "truncated_train_image"])
-def test_a_bad_image_is_one_message_naming_it(tmp_path, damage, split):
-    """Test images are read in DataLoader workers (num_workers=2), train images by the decoding threads;
-    either way one line names the image, and main.log holds it."""
+@pytest.mark.parametrize("damage, split, cache", [
+    (_zero_bytes, "test", "true"), (_truncated, "test", "true"), (_not_an_image, "test", "true"),
+    (_bomb, "test", "true"), (_truncated, "test", "false"), (_truncated, "train", "true")],
+    ids=["zero_bytes", "truncated", "not_an_image", "bomb", "truncated_in_a_dataloader_worker", "truncated_train_image"])
+def test_a_bad_image_is_one_message_naming_it(tmp_path, damage, split, cache):
+    """Test images are decoded by the test split's cache (threads) or, with cache_test_split=false, in
+    DataLoader workers (num_workers=2); train images by the decoding threads. Either way one line names
+    the image, and main.log holds it."""
     data = tmp_path / "data"
     write_benchmark(data, "dtd")
     entries = json.loads((data / "dtd" / "split_zhou_DescribableTextures.json").read_text())[split]
@@ -137,7 +139,7 @@ def test_a_bad_image_is_one_message_naming_it(tmp_path, damage, split):
     damage(bad)
     shots = 16 if split == "train" else 1  # every train image is drawn at 16 shots (5 to 7 per class)
     proc = main_py(tmp_path, *FAST, "dataset=dtd", f"paths.data_root={data}", f"shots={shots}", "num_workers=2",
-                   check=False)
+                   f"cache_test_split={cache}", check=False)
     one_message(proc, f"cannot read image {bad}", "DATASETS.md#missing-or-unreadable-images")
     (log,) = (tmp_path / "out").rglob("main.log")
     assert f"cannot read image {bad}" in log.read_text()

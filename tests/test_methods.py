@@ -162,7 +162,7 @@ def test_so_in_backward_matches_a_plain_step(tiny):
     for in_backward in (True, False):
         model = fresh(tiny)
         method = build_method(*method_cfg("so", f"optimizer.step_in_backward={in_backward}",
-                                         "optimizer.lr=1e-2"), model, 7)
+                                          "optimizer.sparse_backward=false", "optimizer.lr=1e-2"), model, 7)
         before = snapshot(model)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         F.cross_entropy(100 * image_features @ encode_text(model, tokens).T, labels).backward()

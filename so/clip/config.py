@@ -50,7 +50,7 @@ def check_run(config):
     stop = config["stop_loss"]
     expect(stop is None or (isinstance(stop, (int, float)) and not isinstance(stop, bool) and math.isfinite(stop)
                             and stop >= 0), "stop_loss", stop, "a number >= 0, or null for no early stop")
-    for key in ("tf32", "crop_from_original", "base_to_novel"):
+    for key in ("tf32", "crop_from_original", "base_to_novel", "cache_test_split"):
         choice(key, config[key], (True, False))
 
 

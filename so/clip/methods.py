@@ -18,7 +18,7 @@ import torch
 
 from so.clip.config import ConfigError, choice, expect, method_label
 from so.clip.lora import TARGETS, add_adapters
-from so.clip.optimizers import build_optimizer, kind_of
+from so.clip.optimizers import build_optimizer, kind_of, reads_in_backward
 from so.clip.relora import Restarts, check_restarts
 from so.files import save_atomic
 
@@ -118,9 +118,13 @@ def build_method(cfg, cfg_optimizer, model, seed):
     else:
         trainable = {}
     optimizer = build_optimizer(cfg_optimizer, trainable.values(), seed) if trainable else None
+    if optimizer is not None and cfg_optimizer.get("sparse_backward"):
+        from so.sparse_grad import sparse_backward
+
+        sparse_backward(model, optimizer)
     spec = kind_of(cfg_optimizer)
     method = Method(method_label(cfg["name"], cfg.get("default_optimizer"), cfg_optimizer["name"]), trainable,
-                    optimizer, reads_in_backward=bool(cfg_optimizer.get("step_in_backward")),
+                    optimizer, reads_in_backward=reads_in_backward(cfg_optimizer),
                     counts_updates=bool(spec and spec.sparse_state))
     if kind == "relora":
         from peft.tuners.lora import LoraLayer

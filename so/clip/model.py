@@ -5,6 +5,7 @@ open_clip tag (e.g. "openai"), a local weights file (OpenAI's TorchScript .pt, .
 torch.save state dict), or None for random weights; so.clip.weights reads it. Hub tags fail fast offline
 and point to the local-file option.
 """
+import hashlib
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -72,3 +73,14 @@ def class_embeddings(model, tokens, num_templates):
     features = encode_text(model, tokens)
     features = features.view(-1, num_templates, features.shape[-1])
     return F.normalize(features.mean(dim=1), dim=-1)
+
+
+def state_digest(model):
+    """A content hash of the model's weights (names, dtypes, shapes, values): what a cached zero-shot
+    result is keyed by."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()

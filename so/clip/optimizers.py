@@ -1,13 +1,15 @@
 """How the trainable set steps: the `optimizer=` group, one entry per kind (the shape of timm's
 optimizer registry).
 
-    so      so.SO; with step_in_backward, each gradient is read at its support inside backward
+    so      so.SO; with step_in_backward, each gradient is read at its support inside backward; with
+            sparse_backward (methods.build_method applies it), the backward of the linear layers it
+            steps computes their weight gradients at the support only (so.sparse_grad)
     adam    torch.optim.Adam (fused on CUDA, foreach elsewhere)
     adamw   torch.optim.AdamW (the same)
     galore  so.clip.galore.GaLore: AdamW in a low-rank projection of each matrix's gradient
     none    nothing steps (method=zeroshot)
 
-Every key of an optimizer config but name, kind and step_in_backward is an argument of its class,
+Every key of an optimizer config but name, kind and its kind's options is an argument of its class,
 checked against the class's signature. `check_optimizer` builds the optimizer on a probe parameter,
 so that every value the class itself checks is checked before any model exists.
 """
@@ -51,7 +53,7 @@ class Kind:
     options: tuple = ()          # keys of its config that are not class arguments
 
 
-KINDS = {"so": Kind(_so, seeded=True, sparse_state=True, options=("step_in_backward",)),
+KINDS = {"so": Kind(_so, seeded=True, sparse_state=True, options=("step_in_backward", "sparse_backward")),
          "adam": Kind(_torch("Adam"), fast_path=True, adam_moments=True),
          "adamw": Kind(_torch("AdamW"), fast_path=True, adam_moments=True),
          "galore": Kind(_galore, adam_moments=True)}
@@ -112,6 +114,11 @@ def build_optimizer(cfg, params, seed):
 
         step_in_backward(params, optimizer)
     return optimizer
+
+
+def reads_in_backward(cfg):
+    """Whether the optimizer of config `cfg` takes gradients inside backward (no GradScaler then)."""
+    return bool(cfg.get("step_in_backward") or cfg.get("sparse_backward"))
 
 
 def check_optimizer(cfg):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 # Keys of the resolved config that do not change a trial's result: where things are, how fast it
 # runs, what else is written, and how it is logged. Every other key is the trial's identity.
-RUN_ONLY = {"force", "logger", "paths", "device", "num_workers", "eval_batch_size", "save",
-            "count_updates", "eval_only", "compile", "grad_checkpointing", "dataset.root"}
+RUN_ONLY = {"force", "logger", "paths", "device", "num_workers", "eval_batch_size", "save", "cache_test_split",
+            "count_updates", "eval_only", "compile", "grad_checkpointing", "dataset.root",
+            "optimizer.sparse_backward"}  # the same updates to float rounding, as compile
 MATRICES = ("in_proj", "out_proj", "c_fc", "c_proj")  # configs/method/so.yaml's default: all four
 # The optimizer each method of the earlier layout stepped with, by its kind there.
 EARLIER_OPTIMIZERS = {"adam": "adam", "galore": "galore", "lora": "adamw", "relora": "adamw", "zeroshot": "none"}
