@@ -70,11 +70,12 @@ def task_config(cfg):
 
 def checked_config(config, run_dir):
     """The checks that need nothing but the config (and what it names on disk)."""
-    from datasets.base import SAMPLERS, TEMPLATES
+    from datasets import templates
+    from datasets.base import SAMPLERS
 
     refuse_added_keys()
     check_run(config)
-    choice("dataset.templates", config["dataset"]["templates"], TEMPLATES)
+    templates.check(config["dataset"]["templates"])
     choice("fewshot_sampler", config["fewshot_sampler"], SAMPLERS)
     if config["dataset"].get("test_only") and not config["eval_only"] and config["method"]["kind"] != "zeroshot":
         raise ValueError(f"dataset={config['dataset']['name']} has no training split: evaluate a saved ImageNet run "
@@ -84,12 +85,15 @@ def checked_config(config, run_dir):
         if not trained.is_file():
             raise FileNotFoundError(f"eval_only=true: {trained} does not exist; train the trial with save=true "
                                     "first, or set trained_from=<a run folder that holds trained.pt>.")
+    folder = config["dataset"].get("loader") == "folder"  # dataset.root is your images' folder
     if config["dataset"]["root"] is None:
-        raise ValueError("paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
+        raise ValueError("dataset.root is not set: pass dataset.root=/path/to/your/images (DATASETS.md#your-own-data)."
+                         if folder else "paths.data_root is not set: pass paths.data_root=/path/to/data or set DATA "
                          "(DATASETS.md#layout).")
     root = Path(config["dataset"]["root"]).expanduser()
     if not config["dataset"]["generated"] and not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set paths.data_root "
+        raise FileNotFoundError(f"dataset.root={root}: not a folder (DATASETS.md#your-own-data)" if folder else
+                                f"data root {root} does not exist or is not a folder; set paths.data_root "
                                 "to the folder that holds the dataset folders (DATASETS.md#layout)")
 
 
@@ -255,8 +259,8 @@ def build(cfg):
     resolve_precision(cfg.precision, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     options = {k: v for k, v in config["dataset"].items()
-               if k not in ("name", "root", "templates", "generated", "test_only")}
-    dataset = build_dataset(cfg.dataset.name, cfg.dataset.root, cfg.shots, cfg.seed,
+               if k not in ("name", "loader", "root", "templates", "generated", "test_only")}
+    dataset = build_dataset(config["dataset"].get("loader", cfg.dataset.name), cfg.dataset.root, cfg.shots, cfg.seed,
                             Path(cfg.paths.cache_dir).expanduser(), templates=cfg.dataset.templates,
                             sampler=cfg.fewshot_sampler, **options)
     if cfg.model.pretrain_if_missing:  # model=tiny_pretrained: the sandbox model, built once

@@ -168,6 +168,8 @@ def run(cfg, parts, run_dir):
         "final_loss": done.final_loss,
         "train_seconds": seconds,
         "trainable_params": method.trainable_params,
+        "classnames": dataset.classnames,  # what the trained model tells apart, and how it is prompted:
+        "templates": dataset.templates,    # scripts/predict.py and export.py need no data
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "device": str(device),
         "config": config,

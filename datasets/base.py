@@ -16,8 +16,9 @@ from pathlib import Path
 
 from so.files import write_json_atomic
 
-TEMPLATES = ("photo", "clip")
-PHOTO_TEMPLATE = "a photo of a {}."
+from . import templates as template_sets
+from .templates import PHOTO_TEMPLATE
+
 VAL_SHOTS = 4  # CoOp: the validation subset has min(shots, 4) images per class
 
 
@@ -90,6 +91,16 @@ class Benchmark:
     split_file = ""
     clip_template = PHOTO_TEMPLATE  # CoOp's per-dataset zero-shot template
     val_from_train = False  # no val split: the released code draws the few-shot val from train
+    docs = None  # the DATASETS.md section its errors point to; None: its name
+
+    @property
+    def section(self):
+        return self.docs or self.name
+
+    @property
+    def cache_name(self):
+        """Its folder under <cache_dir>/fewshot/."""
+        return self.name
 
     def __init__(self, root):
         root = Path(os.path.normpath(Path(root).expanduser().absolute()))
@@ -117,7 +128,7 @@ class Benchmark:
     def read(self):
         """Validated splits and the class names (index = label)."""
         splits = self.read_splits()
-        return splits, classnames_of(splits, self.name, self.source)
+        return splits, classnames_of(splits, self.name, self.source, section=self.section)
 
 
 class SplitJSONBenchmark(Benchmark):
@@ -129,26 +140,43 @@ class SplitJSONBenchmark(Benchmark):
         super().__init__(root)
 
 
-def classnames_of(splits, name, source, needs_train=True):
+def classnames_of(splits, name, source, needs_train=True, section=None):
     """label -> class name over all splits; labels must be 0..C-1, one name each, every class in train
-    (unless `needs_train` is false: a test-only benchmark)."""
+    (unless `needs_train` is false: a test-only benchmark); errors point to DATASETS.md#`section`
+    (default: `name`)."""
+    section = section or name
     names = {}
     for records in splits.values():
         for r in records:
             if names.setdefault(r.label, r.classname) != r.classname:
                 raise ValueError(f"{name}: {source} gives label {r.label} two names, {names[r.label]!r} and "
-                                 f"{r.classname!r} ({datasets_md(name)})")
+                                 f"{r.classname!r} ({datasets_md(section)})")
     if (needs_train and not splits["train"]) or not splits["test"]:
         raise ValueError(f"{name}: {source} has an empty {'train or test' if needs_train else 'test'} split "
-                         f"({datasets_md(name)})")
+                         f"({datasets_md(section)})")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{name}: labels in {source} must be 0..C-1 without gaps, got {sorted(names)[:10]}... "
-                         f"({datasets_md(name)})")
+                         f"({datasets_md(section)})")
     empty = sorted(set(names) - {r.label for r in splits["train"]}) if needs_train else []
     if empty:
         raise ValueError(f"{name}: {len(empty)} class(es) have no training image in {source}, e.g. "
-                         f"{names[empty[0]]!r} ({datasets_md(name)})")
+                         f"{names[empty[0]]!r} ({datasets_md(section)})")
     return [names[label] for label in range(len(names))]
+
+
+def read_name_lines(path, name, key, section):
+    """{key: (name, line number)} of a file of "<key> <name>" lines (blank lines skipped); a line
+    without a name is an error naming the file and the line."""
+    names = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        first, _, rest = line.strip().partition(" ")
+        if not rest.strip():
+            raise ValueError(f"{name}: {path} line {n}: expected '<{key}> <class name>', got {line!r} "
+                             f"({datasets_md(section)})")
+        names[first] = (rest.strip(), n)
+    return names
 
 
 def missing_images(records):
@@ -202,16 +230,15 @@ class FewShotDataset:
             raise ValueError(f"shots must be a positive integer, got {shots!r}")
         if type(seed) is not int:
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if templates not in TEMPLATES:
-            raise ValueError(f"dataset.templates must be one of {', '.join(TEMPLATES)}, got {templates!r}")
+        template_sets.check(templates)
         if sampler not in SAMPLERS:
             raise ValueError(f"fewshot_sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         splits, self.classnames = benchmark.read()
         self.name, self.shots, self.seed, self.sampler = benchmark.name, shots, seed, sampler
-        self.templates = [PHOTO_TEMPLATE] if templates == "photo" else [benchmark.clip_template]
+        self.templates = template_sets.resolve(templates, benchmark.clip_template)
         self.imagenet_labels = getattr(benchmark, "imagenet_labels", None)  # a domain-generalization target's
         suffix = "" if sampler == "coop" else f"_{sampler}"
-        self.cache_file = (Path(cache_dir).expanduser() / "fewshot" / self.name
+        self.cache_file = (Path(cache_dir).expanduser() / "fewshot" / benchmark.cache_name
                            / f"shots{shots}_seed{seed}{suffix}.json")
         test_only = getattr(benchmark, "test_only", False)  # nothing to draw: it is only evaluated
         self.train_x, self.val = ([], []) if test_only else self._subsets(benchmark, splits)
@@ -219,7 +246,7 @@ class FewShotDataset:
         missing = missing_images(self.train_x + self.val + self.test)
         if missing:
             raise FileNotFoundError(f"{self.name}: {len(missing)} image(s) listed in {benchmark.source} are missing, "
-                                    f"e.g. {missing[0]} ({datasets_md(self.name)})")
+                                    f"e.g. {missing[0]} ({datasets_md(benchmark.section)})")
 
     def _subsets(self, benchmark, splits):
         wanted = {"train": self.shots, "val": min(self.shots, VAL_SHOTS)}

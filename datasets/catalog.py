@@ -1,11 +1,12 @@
 """Every dataset `dataset=` can name, in one table that the loaders, the configs and the sweep scripts
 all read: the 11 benchmarks in the paper's column order, the domain-generalization targets, the
-generated sandbox tasks. Standard library only, so that main.py registers their configs (Hydra's
+generated sandbox tasks, and `folder` (your own images). Standard library only, so that main.py registers their configs (Hydra's
 ConfigStore: `dataset=<name>`) before torch is imported.
 
     python -m datasets.catalog            the 11 benchmarks, space-separated (scripts/_sweep.sh reads it)
 """
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -40,6 +41,8 @@ BENCHMARKS = ("imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars",
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # Generated under the cache folder on first use (datasets/synthetic.py).
 SANDBOX_TASKS = ("synthetic", "synthetic_compositions", "synthetic_shift")
+# Your own images: dataset=folder dataset.root=PATH (datasets/folder.py); named after the folder.
+FOLDER = "folder"
 
 
 def config(name):
@@ -54,13 +57,26 @@ def config(name):
     return node
 
 
+def folder_config():
+    """`dataset=folder`: your images (datasets/folder.py), named after their folder in the output tree
+    and the tables; its root is part of a trial's identity (for a benchmark, only where it is)."""
+    return {"name": "${folder_name:${dataset.root}}", "loader": FOLDER, "root": None, "csv": None,
+            "classnames": None, "split": [0.5, 0.2, 0.3], "split_seed": 0, "templates": "photo", "generated": False}
+
+
 def register_configs():
-    """Each dataset's config in Hydra's ConfigStore, group `dataset`."""
+    """Each dataset's config in Hydra's ConfigStore, group `dataset`, and the resolver of the folder
+    dataset's name."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     for name in (*BENCHMARKS, *DG_TARGETS, *SANDBOX_TASKS):
         store.store(group="dataset", name=name, node=config(name))
+    store.store(group="dataset", name=FOLDER, node=folder_config())
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", lambda root: Path(str(root)).expanduser().name if root
+                                        else FOLDER)
 
 
 if __name__ == "__main__":

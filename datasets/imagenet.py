@@ -3,7 +3,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .base import Benchmark, datasets_md, make_record
+from .base import Benchmark, datasets_md, make_record, read_name_lines
 
 
 CLIP_CLASSNAMES = Path(__file__).with_name("imagenet_classes.tsv")  # "<wnid>\t<CLIP's name>", 1000 lines
@@ -81,13 +81,4 @@ class ImageNet(Benchmark):
         """wnid -> (name, line number) from classnames.txt."""
         if not self.source.is_file():
             raise FileNotFoundError(f"{self.name}: {self.source} is missing ({datasets_md(self.name)})")
-        names = {}
-        for n, line in enumerate(self.source.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            wnid, _, name = line.strip().partition(" ")
-            if not name.strip():
-                raise ValueError(f"{self.name}: {self.source} line {n}: expected '<wnid> <class name>', got "
-                                 f"{line!r} ({datasets_md(self.name)})")
-            names[wnid] = (name.strip(), n)
-        return names
+        return read_name_lines(self.source, self.name, "wnid", self.name)

@@ -90,9 +90,22 @@ def test_clip_templates_option(tmp_path, name, template):
     write_benchmark(tmp_path, name)
     ds = datasets.build_dataset(name, tmp_path, 1, 1, tmp_path / "cache", templates="clip")
     assert ds.templates == [template]
-    assert ds.templates == [template]
-    with pytest.raises(ValueError, match="dataset.templates must be one of photo, clip"):
+    with pytest.raises(ValueError, match="dataset.templates='ensemble': expected one of photo, clip, ensemble7, imagenet80"):
         datasets.build_dataset(name, tmp_path, 1, 1, tmp_path / "cache", templates="ensemble")
+
+
+def test_template_sets_and_lists(tmp_path):
+    """The named ensembles are open_clip's lists; a list is taken as given; each template has one {}."""
+    write_benchmark(tmp_path, "dtd")
+    build = lambda templates: datasets.build_dataset("dtd", tmp_path, 1, 1, tmp_path / "cache",  # noqa: E731
+                                                     templates=templates).templates
+    seven, eighty = build("ensemble7"), build("imagenet80")
+    assert len(seven) == 7 and seven[0] == "itap of a {}." and "a photo of the small {}." in seven
+    assert len(eighty) == 80 and eighty[0] == "a bad photo of a {}." and eighty[-1] == "a tattoo of the {}."
+    assert build(["a photo of a {}.", "a sketch of a {}."]) == ["a photo of a {}.", "a sketch of a {}."]
+    for bad in (["no slot"], ["{} and {}"], [], "photos"):
+        with pytest.raises(ValueError, match=r"dataset.templates="):
+            build(bad)
 
 
 def test_unknown_name_lists_the_known_ones(tmp_path):

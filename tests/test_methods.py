@@ -338,3 +338,20 @@ def test_the_vit_l14_stand_in_trains_with_positions_scaled_to_its_depth(name, fl
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and changed <= set(method.trainable) | {n for n in before if ".lora_" in n}
     assert {int(n.split(".resblocks.")[1].split(".")[0]) for n in changed if n.startswith("visual.")} == set(range(16, 24))
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "relora"])
+def test_merging_the_adapters_gives_open_clips_model_with_the_same_outputs(tiny, name):
+    from so.clip.lora import merge_adapters
+
+    model = fresh(tiny)
+    method = build_method(*method_cfg(name, "method.targets=[q,k,v,o]", "optimizer.lr=1e-2"), model, 0)
+    for p in method.trainable.values():  # adapters that change the outputs (B is zero at the start)
+        torch.nn.init.normal_(p, std=0.05)
+    adapted = outputs(model, tiny)
+    merge_adapters(model)
+    assert not any(".lora_" in n or "base_layer" in n for n in model.state_dict())
+    assert model.state_dict().keys() == tiny[0].state_dict().keys()  # open_clip's names and modules again
+    assert all(type(b.attn) is torch.nn.MultiheadAttention for b in model.transformer.resblocks)
+    torch.testing.assert_close(outputs(model, tiny), adapted, rtol=1e-4, atol=1e-5)
+    assert (outputs(model, tiny) - outputs(fresh(tiny), tiny)).abs().max() > 1e-2  # and not the base model

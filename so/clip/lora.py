@@ -71,3 +71,36 @@ def add_adapters(model, blocks, targets, rank, alpha, dropout, dora):
         target_modules=[f"{name}.attn.{TARGETS[t]}" for name in blocks for t in targets],
     )
     return inject_adapter_in_model(config, model)
+
+
+@torch.no_grad()
+def merge_adapters(model):
+    """Merge every LoRA/DoRA adapter into its weight (peft's merge) and turn each SplitAttention back
+    into the nn.MultiheadAttention it came from: the model is open_clip's again, weights and names.
+    Returns the model, changed in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, SplitAttention):
+                setattr(module, name, _fused(child))
+    return model
+
+
+def _plain(layer):
+    """A Linear layer or a peft LoRA layer around one, as a plain Linear with the adapter merged."""
+    if hasattr(layer, "base_layer"):
+        layer.merge(safe_merge=True)
+        layer = layer.base_layer
+    return layer
+
+
+def _fused(split):
+    """The nn.MultiheadAttention of a SplitAttention: q, k, v stacked into in_proj."""
+    q, k, v, out = (_plain(getattr(split, name)) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    width = q.weight.shape[1]
+    mha = nn.MultiheadAttention(width, split.num_heads, bias=q.bias is not None, batch_first=split.batch_first,
+                                device=q.weight.device, dtype=q.weight.dtype)
+    mha.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+    if q.bias is not None:
+        mha.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+    mha.out_proj.load_state_dict(out.state_dict())
+    return mha.requires_grad_(False)

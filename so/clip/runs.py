@@ -60,9 +60,11 @@ def current_layout(config):
 
 
 def identity(config):
-    """The keys of a resolved config (a plain dict) that decide the trial's result."""
+    """The keys of a resolved config (a plain dict) that decide the trial's result. A folder dataset's
+    root is its content (a benchmark's root is only where it lies): it is kept."""
+    folder = isinstance(config.get("dataset"), dict) and config["dataset"].get("loader") == "folder"
     return {k: v for k, v in flatten(current_layout(config)).items()
-            if not any(k == r or k.startswith(f"{r}.") for r in RUN_ONLY)}
+            if (folder and k == "dataset.root") or not any(k == r or k.startswith(f"{r}.") for r in RUN_ONLY)}
 
 
 def check_finished(run_dir, config):
