@@ -80,7 +80,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
         for batch in order.split(cfg.batch_size):
             batch = batch.to(device)
             loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
-                              device, None if text_trains else fixed_text, loss_fn, scaler)
+                              device, None if text_trains else fixed_text, loss_fn, scaler, method.closure_step)
             scheduler.step()
             if last is not None and not torch.isfinite(last[1]):
                 done.diverged_at = last[0]

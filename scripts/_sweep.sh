@@ -1,5 +1,5 @@
 # Shared by the sweep scripts (sourced, not run): argument handling, the trial listing of --dry-run and
-# the Hydra multirun launch. A script sets its defaults, calls `parse_args "$@"`, then calls
+# the Hydra multirun launch. A method may be METHOD+OPTIMIZER (lora+so: SO on LoRA's factors). A script sets its defaults, calls `parse_args "$@"`, then calls
 # `sweep NAME DATASETS METHODS SHOTS SEEDS [METHOD_OVERRIDE ...]` once per multirun (or `table`, the same
 # arguments, for a table with zero-shot once per dataset) and `finish` at the end;
 # the sandbox sweeps call `pretrain_sandbox` first and `aggregate_results NAME` last.
@@ -46,9 +46,17 @@ join() { local IFS=,; echo "$*"; }
 # written under ${paths.out_root}/NAME. --dry-run prints its trials instead, one per line, in launch order.
 sweep() {
   local name="$1" dataset method shots seed n
-  local -a datasets methods shot_list seeds fixed
+  local -a datasets methods shot_list seeds fixed plain=()
   read -ra datasets <<<"$2"; read -ra methods <<<"$3"; read -ra shot_list <<<"$4"; read -ra seeds <<<"$5"
   fixed=("${@:6}")
+  if [[ " $3" == *+* ]]; then  # METHOD+OPTIMIZER (lora+so): a multirun of its own, with optimizer=OPTIMIZER
+    for method in "${methods[@]}"; do [[ $method == *+* ]] || plain+=("$method"); done
+    if ((${#plain[@]})); then sweep "$1" "$2" "${plain[*]}" "$4" "$5" "${fixed[@]}"; fi
+    for method in "${methods[@]}"; do
+      if [[ $method == *+* ]]; then sweep "$1" "$2" "${method%%+*}" "$4" "$5" "optimizer=${method#*+}" "${fixed[@]}"; fi
+    done
+    return
+  fi
   n=$((${#datasets[@]} * ${#methods[@]} * ${#shot_list[@]} * ${#seeds[@]}))
   TRIALS=$((TRIALS + n))
   if ((DRY_RUN)); then

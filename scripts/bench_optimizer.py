@@ -14,6 +14,8 @@ over Adam's in the same round. Optimizer `so_in_backward` is SO as the harness r
 (step_in_backward): each gradient is read at its support first, as the hooks do inside backward
 (median `read_ms` for all 96), and the times are those of the step that follows.
 
+`mask_adam` and `sift` (SO with a static support, random or from the first gradient's top entries) and
+`spam` (pytorch-optimizer's SPAM, its mask redrawn every --refresh-every steps) step at density 5e-4;
 `galore` (so/clip/galore.py, --galore-rank, --galore-gap) steps on the same 96 tensors, in the same rounds;
 its timed steps reuse the projections, and `refresh_ms` is one step that recomputes all 96 (an SVD
 each, one step in --galore-gap). `relora` (so/clip/relora.py: ReLoRA's restarts on AdamW) steps AdamW on the rank-2 LoRA factors of
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from pytorch_optimizer import SPAM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 from so import SO  # noqa: E402
@@ -48,11 +51,13 @@ def clip_shapes():
 
 
 def state_bytes(opt):
-    """Optimizer-state bytes (SO counts its internal buffers too, GaLore its projections)."""
+    """Optimizer-state bytes (SO counts its internal buffers too, GaLore its projections, SPAM its
+    masks)."""
     if isinstance(opt, SO):
         return opt.state_bytes()
-    tensors = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    tensors += [s["projector"].ortho_matrix for s in opt.state.values() if s.get("projector")]
+    states = [s for s in opt.state.values() if isinstance(s, dict)]  # SPAM keeps step counters beside them
+    tensors = [v for s in states for v in s.values() if torch.is_tensor(v)]
+    tensors += [s["projector"].ortho_matrix for s in states if s.get("projector")]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -149,6 +154,11 @@ def bench_device(device, densities, repeats, refresh_every, galore_rank, galore_
             so_names.append((optimizer, density))
             opts[so_names[-1]] = (SO(params, lr=1e-6, density=density, refresh_every=refresh_every),
                                   so_steps, in_backward)
+    for name, switches in (("mask_adam", dict(support="static")), ("sift", dict(grad_selection="topk",
+                                                                            support="static"))):
+        opts[name] = (SO(params, lr=1e-6, density=5e-4, refresh_every=refresh_every, **switches), so_steps)
+    opts["spam"] = (SPAM(params, lr=1e-6, density=5e-4, update_proj_gap=refresh_every, warmup_epoch=0,
+                         grad_accu_steps=2), so_steps)
     galore = GaLore(params, lr=1e-6, rank=galore_rank, update_proj_gap=galore_gap, scale=0.25)
     refresh_ms = time_step(galore, params, grads, device)[0]  # step 0 computes every projection
     opts["galore"] = (galore, so_steps)
@@ -162,13 +172,15 @@ def bench_device(device, densities, repeats, refresh_every, galore_rank, galore_
         elif name == "galore":
             rows[name] = dict(common, optimizer=name, density=1.0, rank=galore_rank, update_proj_gap=galore_gap,
                               refresh_ms=refresh_ms)
+        elif name in ("mask_adam", "sift", "spam"):
+            rows[name] = dict(common, optimizer=name, density=5e-4, refresh_every=refresh_every)
         else:
             rows[name] = dict(common, optimizer=name, density=1.0)
         rows[name].update(median_ms=median, mean_ms=mean, cpu_ms=cpu, state_bytes=state_bytes(opt))
         if rows[name]["optimizer"] == "so_in_backward":
             rows[name]["read_ms"] = statistics.median(t[2] for steps in timed[name] for t in steps)
     adam = [name for name in opts if name in ("adam_foreach", "adam_fused")]
-    for so_name in so_names + ["galore"]:  # step time as a fraction of Adam's, round by round
+    for so_name in so_names + ["mask_adam", "sift", "spam", "galore"]:  # step time as a fraction of Adam's
         for name in adam:
             rows[so_name][f"vs_{name}"] = paired_ratio(timed[so_name], timed[name], 0)
             rows[so_name][f"cpu_vs_{name}"] = paired_ratio(timed[so_name], timed[name], 1)

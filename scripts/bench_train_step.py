@@ -97,7 +97,7 @@ class Setup:
         sync(self.device)
         start = time.perf_counter()
         train_step(self.model, self.prompts, self.images, self.labels, self.method.optimizer, self.precision,
-                   self.device, self.text, self.loss_fn)
+                   self.device, self.text, self.loss_fn, closure_step=self.method.closure_step)
         sync(self.device)
         if timed:
             self.times.append(time.perf_counter() - start)

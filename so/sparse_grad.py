@@ -82,17 +82,21 @@ def linear(module, x, weight, bias):
     return SparseWeightGrad.apply(x, weight, bias, module._so_optimizer)
 
 
-class SparseGradLinear(nn.Linear):
-    """nn.Linear whose weight's gradient is computed at SO's support (see the module docstring)."""
+class ProjectedLinear(nn.Linear):
+    """nn.Linear computed by self.project(x, weight, bias) (F.linear here): what sparse_backward and
+    so.clip.mezo change."""
 
     def forward(self, x):
-        return linear(self, x, self.weight, self.bias)
+        return self.project(x, self.weight, self.bias)
+
+    def project(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
 
-class SparseGradMultiheadAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention whose in_proj_weight and out_proj.weight gradients are computed at SO's
-    support, for self-attention (query, key and value the same tensor) without attention weights or
-    a key padding mask, as CLIP calls it; any other call runs nn.MultiheadAttention's own forward."""
+class ProjectedAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention with its input and output projections computed by self.project(x, weight,
+    bias), for self-attention (query, key and value the same tensor) without attention weights or a key
+    padding mask, as CLIP calls it; any other call runs nn.MultiheadAttention's own forward."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -104,7 +108,7 @@ class SparseGradMultiheadAttention(nn.MultiheadAttention):
         x = query if self.batch_first else query.transpose(0, 1)
         batch, length, width = x.shape
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
-        q, k, v = map(heads, linear(self, x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        q, k, v = map(heads, self.project(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # nn.MultiheadAttention: True = masked
                 attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(attn_mask, float("-inf"))
@@ -112,20 +116,62 @@ class SparseGradMultiheadAttention(nn.MultiheadAttention):
                 attn_mask = attn_mask.view(batch, self.num_heads, length, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = linear(self, out.transpose(1, 2).reshape(batch, length, width), self.out_proj.weight,
-                     self.out_proj.bias)
+        out = self.project(out.transpose(1, 2).reshape(batch, length, width), self.out_proj.weight,
+                           self.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
+    def project(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
-class _Handle:
-    def __init__(self, modules):
-        self.modules = modules
+
+class SparseGradLinear(ProjectedLinear):
+    """nn.Linear whose weight's gradient is computed at SO's support (see the module docstring)."""
+
+    def project(self, x, weight, bias):
+        return linear(self, x, weight, bias)
+
+
+class SparseGradMultiheadAttention(ProjectedAttention):
+    """nn.MultiheadAttention whose in_proj_weight and out_proj.weight gradients are computed at SO's
+    support (ProjectedAttention says for which calls)."""
+
+    def project(self, x, weight, bias):
+        return linear(self, x, weight, bias)
+
+
+class Swapped:
+    """Layers whose class was swapped, with the attributes set on them; .remove() restores them."""
+
+    def __init__(self, modules, attributes):
+        self.modules, self.attributes = modules, attributes
 
     def remove(self):
         for module, cls in self.modules:
             module.__class__ = cls
-            del module._so_optimizer, module._so_weights
+            for name in self.attributes:
+                delattr(module, name)
         self.modules = []
+
+
+def swap_layers(model, weights, linear_class, attention_class, **attributes):
+    """Give every nn.Linear and nn.MultiheadAttention of `model` (those exact classes) that holds one
+    of `weights` (a set of ids) the class `linear_class` / `attention_class`, and `attributes` plus
+    _so_weights (the ids of its weights among them). Returns the Swapped handle."""
+    swapped = []
+    for module in model.modules():
+        if type(module) is nn.MultiheadAttention:
+            held, cls = (module.in_proj_weight, module.out_proj.weight), attention_class
+        elif type(module) is nn.Linear:
+            held, cls = (module.weight,), linear_class
+        else:
+            continue
+        ids = {id(w) for w in held if w is not None} & weights
+        if ids:
+            swapped.append((module, type(module)))
+            module.__class__ = cls
+            for name, value in {**attributes, "_so_weights": ids}.items():
+                setattr(module, name, value)
+    return Swapped(swapped, [*attributes, "_so_weights"])
 
 
 def sparse_backward(model, optimizer):
@@ -137,16 +183,4 @@ def sparse_backward(model, optimizer):
     if not isinstance(optimizer, SO):
         raise TypeError(f"sparse_backward needs an SO optimizer, got {type(optimizer).__name__}")
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    swapped = []
-    for module in model.modules():
-        if type(module) is nn.MultiheadAttention:
-            weights, cls = (module.in_proj_weight, module.out_proj.weight), SparseGradMultiheadAttention
-        elif type(module) is nn.Linear:
-            weights, cls = (module.weight,), SparseGradLinear
-        else:
-            continue
-        ids = {id(w) for w in weights if w is not None} & stepped
-        if ids:
-            swapped.append((module, type(module)))
-            module.__class__, module._so_optimizer, module._so_weights = cls, optimizer, ids
-    return _Handle(swapped)
+    return swap_layers(model, stepped, SparseGradLinear, SparseGradMultiheadAttention, _so_optimizer=optimizer)

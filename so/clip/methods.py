@@ -44,6 +44,7 @@ class Method:
     reads_in_backward: bool = False              # gradients are read inside backward (no GradScaler)
     counts_updates: bool = False                 # the optimizer keeps SO's per-entry state (update_counts)
     restarts: Restarts | None = None             # ReLoRA's
+    closure_step: bool = False                   # the optimizer steps from a closure of forward passes (MeZO)
 
     @property
     def trainable_params(self) -> int:
@@ -117,15 +118,19 @@ def build_method(cfg, cfg_optimizer, model, seed):
         trainable = _add_lora(cfg, model)
     else:
         trainable = {}
-    optimizer = build_optimizer(cfg_optimizer, trainable.values(), seed) if trainable else None
+    optimizer = build_optimizer(cfg_optimizer, trainable, seed) if trainable else None
+    spec = kind_of(cfg_optimizer)
     if optimizer is not None and cfg_optimizer.get("sparse_backward"):
         from so.sparse_grad import sparse_backward
 
         sparse_backward(model, optimizer)
-    spec = kind_of(cfg_optimizer)
+    if optimizer is not None and spec.closure_step:
+        from so.clip.mezo import perturb_in_forward
+
+        perturb_in_forward(model, optimizer)
     method = Method(method_label(cfg["name"], cfg.get("default_optimizer"), cfg_optimizer["name"]), trainable,
                     optimizer, reads_in_backward=reads_in_backward(cfg_optimizer),
-                    counts_updates=bool(spec and spec.sparse_state))
+                    counts_updates=bool(spec and spec.sparse_state), closure_step=bool(spec and spec.closure_step))
     if kind == "relora":
         from peft.tuners.lora import LoraLayer
 

@@ -7,7 +7,13 @@ optimizer registry).
     adam    torch.optim.Adam (fused on CUDA, foreach elsewhere)
     adamw   torch.optim.AdamW (the same)
     galore  so.clip.galore.GaLore: AdamW in a low-rank projection of each matrix's gradient
+    spam    pytorch-optimizer's SPAM: Adam on a random mask redrawn with its moments reset
+    mezo    so.clip.mezo.MeZO: zeroth-order steps from two forward passes (and the branch-wise hybrid)
     none    nothing steps (method=zeroshot)
+
+SO's switches also give two rivals as presets (configs/optimizer/): mask_adam (Adam on a fixed random
+mask: support=static) and sift (Adam on the top entries of the first gradient: grad_selection=topk,
+support=static).
 
 Every key of an optimizer config but name, kind and its kind's options is an argument of its class,
 checked against the class's signature. `check_optimizer` builds the optimizer on a probe parameter,
@@ -43,6 +49,18 @@ def _galore():
     return GaLore
 
 
+def _spam():
+    from pytorch_optimizer import SPAM
+
+    return SPAM
+
+
+def _mezo():
+    from so.clip.mezo import MeZO
+
+    return MeZO
+
+
 @dataclass(frozen=True)
 class Kind:
     cls: Callable                # -> the optimizer class (imported when asked for)
@@ -51,12 +69,16 @@ class Kind:
     sparse_state: bool = False   # keeps SO's per-entry state (support, kept): update counts can be read
     adam_moments: bool = False   # keeps exp_avg and exp_avg_sq per parameter that a method may prune in place
     options: tuple = ()          # keys of its config that are not class arguments
+    named: bool = False          # takes (name, parameter) pairs (the hybrid tells the towers apart by name)
+    closure_step: bool = False   # steps from a closure that returns the loss, no backward of the loop's
 
 
 KINDS = {"so": Kind(_so, seeded=True, sparse_state=True, options=("step_in_backward", "sparse_backward")),
          "adam": Kind(_torch("Adam"), fast_path=True, adam_moments=True),
          "adamw": Kind(_torch("AdamW"), fast_path=True, adam_moments=True),
-         "galore": Kind(_galore, adam_moments=True)}
+         "galore": Kind(_galore, adam_moments=True),
+         "spam": Kind(_spam),
+         "mezo": Kind(_mezo, seeded=True, named=True, closure_step=True)}
 NONE = "none"
 
 
@@ -89,22 +111,22 @@ def arguments(cfg):
             if k not in OWN_KEYS and k not in spec.options}
 
 
-def build_optimizer(cfg, params, seed):
-    """The optimizer of config `cfg` over `params` (None for kind none); `seed` seeds SO's draws.
-    Constructor errors are reported with the config key."""
+def build_optimizer(cfg, named_params, seed):
+    """The optimizer of config `cfg` over `named_params` ({name: parameter}; None for kind none);
+    `seed` seeds its draws. Constructor errors are reported with the config key."""
     spec = kind_of(cfg)
     if spec is None:
         return None
     import torch
 
-    params = list(params)
+    params = list(named_params.values())
     fixed = {}
     if spec.seeded:
         fixed["generator"] = torch.Generator(params[0].device).manual_seed(seed)
     if spec.fast_path:
         fixed |= {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
     try:
-        optimizer = spec.cls()(params, **arguments(cfg), **fixed)
+        optimizer = spec.cls()(list(named_params.items()) if spec.named else params, **arguments(cfg), **fixed)
     except (ValueError, TypeError) as e:
         message = str(e)
         raise ConfigError(f"optimizer.{message}" if message.split(":")[0].count("=") == 1
@@ -117,8 +139,10 @@ def build_optimizer(cfg, params, seed):
 
 
 def reads_in_backward(cfg):
-    """Whether the optimizer of config `cfg` takes gradients inside backward (no GradScaler then)."""
-    return bool(cfg.get("step_in_backward") or cfg.get("sparse_backward"))
+    """Whether the optimizer of config `cfg` takes gradients inside backward, or steps from a closure
+    of forward passes: no GradScaler then."""
+    spec = KINDS.get(cfg.get("kind"))
+    return bool(cfg.get("step_in_backward") or cfg.get("sparse_backward") or (spec and spec.closure_step))
 
 
 def check_optimizer(cfg):
@@ -128,4 +152,4 @@ def check_optimizer(cfg):
 
         with warnings.catch_warnings():  # about the probe's size, not the model's
             warnings.simplefilter("ignore")
-            build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, 2))], seed=0)
+            build_optimizer(cfg, {"visual.probe": torch.nn.Parameter(torch.zeros(2, 2))}, seed=0)

@@ -87,8 +87,9 @@ def check_precision(precision, reads_in_backward):
     choice("precision", precision, PRECISIONS)
     if precision == "fp16" and reads_in_backward:
         raise ConfigError("precision=fp16 steps through a GradScaler, which unscales the gradients after "
-                          "backward; optimizer.step_in_backward=true and optimizer.sparse_backward=true read "
-                          "them inside backward. Use precision=bf16 or fp32, or set both to false.")
+                          "backward; this optimizer takes them elsewhere (optimizer.step_in_backward=true and "
+                          "optimizer.sparse_backward=true read them inside backward, mezo steps from forward "
+                          "passes). Use precision=bf16 or fp32, or set step_in_backward and sparse_backward to false.")
 
 
 def grad_scaler(precision, device, reads_in_backward):

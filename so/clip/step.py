@@ -30,12 +30,19 @@ def forward_loss(model, prompts, images, labels, text=None):
 
 
 def train_step(model, prompts, images, labels, optimizer, precision, device, text=None,
-               loss_fn=forward_loss, scaler=None):
+               loss_fn=forward_loss, scaler=None, closure_step=False):
     """One iteration; `text` holds fixed class embeddings when the text tower does not train;
     `loss_fn`: forward_loss or its compiled version (so.clip.runtime.compiled); `scaler`: fp16's
-    GradScaler."""
-    with autocast(precision, device):
-        loss = loss_fn(model, prompts, images, labels, text)
+    GradScaler; `closure_step`: the optimizer evaluates the loss itself (MeZO), from a closure."""
+    def closure():
+        with autocast(precision, device):
+            return loss_fn(model, prompts, images, labels, text)
+
+    if closure_step:
+        loss = optimizer.step(closure)
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    loss = closure()
     if scaler is None:
         loss.backward()
         optimizer.step()
