@@ -150,9 +150,12 @@ class ImageRecords(Dataset):
 
 
 def test_loader(records, transform, batch_size, num_workers):
-    """Batches of (images, labels) in record order; `transform` is open_clip's eval preprocess."""
+    """Batches of (images, labels) in record order; `transform` is open_clip's eval preprocess. The
+    loader's own generator seeds its workers: an evaluation draws nothing from torch's global one, so
+    training goes on with the same random numbers whether an evaluation ran or a cached result was used."""
     return DataLoader(ImageRecords(records, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))
 
 
 test_loader.__test__ = False  # not a test, for pytest modules that import it

@@ -85,3 +85,13 @@ def test_a_cache_that_cannot_be_written_is_skipped_not_fatal(records, tmp_path, 
     assert TestImages.of("t", records, transform, 4, CPU, tmp_path) is None
     assert "not cached" in caplog.text and "No space left on device" in caplog.text
     assert not list((tmp_path / "test_images" / "t").iterdir())  # no partial array, no temporary
+
+
+def test_an_evaluation_draws_nothing_from_the_global_generator(records):
+    """Whether zero-shot is evaluated or reused, LoRA's dropout draws the same numbers after it."""
+    transform = open_clip.image_transform(32, is_train=False)
+    torch.manual_seed(0)
+    list(test_loader(records, transform, batch_size=3, num_workers=0))
+    after_a_loader = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after_a_loader)
