@@ -14,8 +14,10 @@ Writes to OUT_FOLDER:
 - summary.csv: the same numbers in long form (shots, row, dataset, mean, std, seeds, ci_low, ci_high).
 - paper.md and paper.csv: measured vs paper, per cell: the mean, the published figure of
   scripts/paper_results.csv and their difference, or "no paper figure" (an Average over other datasets
-  than the 11 is not compared); not written when no dataset is one of the 11. Rows that are methods are held
-  to the paper's main tables, rows that are experiment names (outputs/ablations) to its ablation table.
+  than the 11 is not compared; a figure at shots 0, zero-shot CLIP's, is held to every shot table); not
+  written when no dataset is one of the 11. Rows that are methods are held to the paper's main tables
+  (the SO README's and the summary's figures, and CLIP-LoRA's Table 2 for its baselines), rows that are
+  experiment names (outputs/ablations) to its ablation table.
 - accuracy_vs_shots.png: top-1 against shots, one panel per dataset and one for the average.
 - base_to_novel.md and base_to_novel.csv, for trials run with base_to_novel: per shot count, rows x
   datasets, the base and novel top-1 (means over seeds) and their harmonic mean; the Average column is
@@ -187,19 +189,32 @@ def cell(r, ci=False):
     return f"{r['mean']:.2f} ± {r['std']:.2f}{interval}"
 
 
-def paper_figures(table):
-    """The published figures of one table ("main" or "ablation"): row, dataset, shots, paper, printed_as."""
-    ref = pd.read_csv(PAPER)
+def paper_figures(table, path=PAPER):
+    """The published figures of one table ("main" or "ablation"): row, dataset, shots, paper, printed_as.
+    One figure per (row, dataset, shots): should the file give a cell twice (a row listed in two
+    figures' `rows`), the first line is kept and the others named on stderr, so no cell is compared twice."""
+    ref = pd.read_csv(path)
     ref = ref[ref["table"] == table].assign(row=lambda d: d["rows"].str.split("|")).explode("row")
-    return ref.rename(columns={"top1": "paper"})[["row", "dataset", "shots", "paper", "printed_as", "source"]]
+    ref = ref.rename(columns={"top1": "paper"})[["row", "dataset", "shots", "paper", "printed_as", "source"]]
+    twice = ref.duplicated(["row", "dataset", "shots"])
+    if twice.any():
+        cells = ", ".join(f"{r.row} {r.dataset} {r.shots}-shot" for r in ref[twice].itertuples())
+        print(f"aggregate.py: {Path(path).name} gives these cells of the {table} table twice, the first figure is used: "
+              f"{cells}", file=sys.stderr)
+    return ref[~twice]
 
 
 def compare(summary, reference, datasets):
     """measured vs paper per cell of summary: the paper's figure and the difference (NaN where none).
-    The paper averages the 11 benchmarks: an Average over fewer datasets is not compared."""
+    The paper averages the 11 benchmarks: an Average over fewer datasets is not compared. A figure at
+    shots 0 (zero-shot CLIP, which trains nothing) is held to that row at every shot count, as the
+    zero-shot trials fill every shot table; a figure at the shot count itself comes first."""
     partial = set(datasets) != set(PAPER_ORDER)
     if partial:
         reference = reference[reference["dataset"] != "Average"]
+    zero = reference["shots"] == 0
+    reference = pd.concat([reference[~zero], *(reference[zero].assign(shots=k) for k in summary["shots"].unique())])
+    reference = reference.drop_duplicates(["row", "dataset", "shots"])
     merged = summary.merge(reference, how="left", on=["row", "dataset", "shots"])
     merged = merged.assign(difference=merged["mean"] - merged["paper"])
     return merged.assign(partial_average=partial & (merged["dataset"] == "Average"))
@@ -225,7 +240,7 @@ def tables(summary, datasets, rows_are, format_cell=cell):
     out = {}
     for shots, part in summary.groupby("shots"):
         table = part.assign(cell=part.apply(format_cell, axis=1)).pivot(index="row", columns="dataset", values="cell")
-        table = table.reindex(index=row_order(table.index), columns=datasets + ["Average"]).fillna("")
+        table = table.reindex(index=row_order(table.index), columns=datasets + ["Average"]).astype(object).fillna("")
         out[int(shots)] = table.rename_axis(index=rows_are, columns=None)
     return out
 
@@ -263,8 +278,10 @@ def curves(df):
 
 
 def panel_grid(count, rows):
-    """A figure of `count` panels, four per line, unused cells off, and a colour per row label."""
-    colors = dict(zip(rows, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(rows)))
+    """A figure of `count` panels, four per line, unused cells off, and a colour per row label (tab20's
+    when the default cycle's 10 would repeat)."""
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(rows) <= 10 else plt.get_cmap("tab20").colors
+    colors = dict(zip(rows, list(palette) * len(rows)))
     cols = min(4, count)
     lines = -(-count // cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3.4 * lines), squeeze=False)
@@ -308,17 +325,18 @@ def plot(summary, datasets, path):
     rows = row_order(summary["row"].unique())
     shots = sorted(summary["shots"].unique())
     fig, axes, colors = panel_grid(len(panels), rows)
-    for ax, dataset in zip(axes, panels):
+    markers = {row: "o" if len(rows) <= 10 else "osD^v"[i % 5] for i, row in enumerate(rows)}  # with the colour
+    for ax, dataset in zip(axes, panels):                                                     # a pair per row
         part = summary[summary["dataset"] == dataset]
         for row in rows:
             line = part[part["row"] == row].sort_values("shots")
             band(ax, line["shots"], line, colors[row], row,
-                 **(dict(linestyle="--") if row == ZEROSHOT else dict(marker="o")))
+                 **(dict(linestyle="--") if row == ZEROSHOT else dict(marker=markers[row])))
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set(title=dataset, xlabel="shots", ylabel="top-1 (%)")
     handles = [plt.Line2D([], [], color=colors[row], linestyle="--" if row == ZEROSHOT else "-",
-                          marker="" if row == ZEROSHOT else "o") for row in rows]
+                          marker="" if row == ZEROSHOT else markers[row]) for row in rows]
     legend_below(fig, handles, rows, ncol=min(6, len(rows)))
     fig.savefig(path, dpi=120)
     plt.close(fig)

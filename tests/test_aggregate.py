@@ -214,17 +214,86 @@ def test_ablation_rows_are_held_to_the_ablation_table(tmp_path, capsys):
 
 def test_paper_results_name_known_rows_datasets_and_sources():
     ref = pd.read_csv(ROOT / "scripts" / "paper_results.csv")
-    assert set(ref["table"]) == {"main", "ablation"} and ref["source"].notna().all()
+    assert set(ref["table"]) == {"main", "ablation"}
+    assert ref["source"].notna().all() and (ref["source"].str.strip() != "").all()  # a source for every figure
+    primary = ref["source"].str.startswith("github.com/nairouz/SO README")  # the SO authors' own release
+    assert (primary | ref["source"].str.contains("secondary") | ref["note"].str.contains("secondary", na=False)).all()
     assert set(ref["dataset"]) <= set(aggregate_module.PAPER_ORDER) | {"Average"}
+    assert set(ref["shots"]) <= {0, 1, 2, 4, 8, 16} and set(ref.loc[ref["shots"] == 0, "rows"]) <= {"zeroshot"}
+    cells = ref.assign(row=ref["rows"].str.split("|")).explode("row")
+    twice = cells[cells.duplicated(["table", "row", "dataset", "shots"], keep=False)]
+    assert twice.empty, twice  # one figure per (table, row, dataset, shots): none compared twice
     ablation_rows = set(ref.loc[ref["table"] == "ablation", "rows"])
     script = (ROOT / "scripts" / "ablations.sh").read_text()
     variants = script.split('ALL_VARIANTS="')[1].split('"')[0].split()
     assert ablation_rows == set(variants)  # one published row per ablation variant
-    readme = ref[(ref["table"] == "main") & (ref["shots"] == 4) & ref["source"].str.contains("README")]
+    readme = ref[(ref["table"] == "main") & (ref["shots"] == 4) & primary]
     for rows, part in readme.groupby("rows"):  # the README's averages are the means of its 11 cells
         cells = part[part["dataset"] != "Average"]
         assert len(cells) == 11
         assert part.loc[part["dataset"] == "Average", "top1"].item() == pytest.approx(cells["top1"].mean(), abs=0.05)
+
+
+def test_clip_lora_table_2_figures_are_compared(tmp_path, capsys):
+    """CLIP-LoRA's Table 2 (ViT-B/16) holds the baselines: coop (16 tokens) 4-shot on dtd 59.5 and
+    eurosat 69.7, coop4 on dtd 58.5, lora 1-shot on oxford_flowers 83.2 (the SO README has LoRA at 4
+    shots only), zero-shot CLIP on oxford_flowers 71.4 in every shot table."""
+    out = tmp_path / "out"
+    for dataset, coop, coop4 in (("dtd", 60.0, 58.0), ("eurosat", 70.0, 66.0), ("oxford_flowers", 92.0, 87.0)):
+        write(out, "main_table", dataset, "coop", 4, 1, coop)
+        write(out, "main_table", dataset, "coop4", 4, 1, coop4)
+        write(out, "main_table", dataset, "zeroshot", 1, 1, 70.0)
+    write(out, "main_table", "oxford_flowers", "lora", 1, 1, 80.0)
+    stdout = aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset", "shots"])
+    assert paper.loc[("coop", "dtd", 4), "paper"] == 59.5
+    assert paper.loc[("coop", "eurosat", 4), "difference"] == pytest.approx(70.0 - 69.7)
+    assert paper.loc[("coop4", "dtd", 4), "paper"] == 58.5
+    assert paper.loc[("lora", "oxford_flowers", 1), "paper"] == 83.2
+    assert paper.loc[("zeroshot", "oxford_flowers", 1), "paper"] == 71.4
+    assert paper.loc[("zeroshot", "oxford_flowers", 4), "paper"] == 71.4
+    assert paper.loc[("zeroshot", "dtd", 4)].isna()["paper"]
+    assert len(paper) == len(pd.read_csv(out / "aggregate" / "summary.csv"))  # no cell twice
+    assert "60.00 vs 59.5 (+0.50)" in stdout and "70.00 vs 71.4 (-1.40)" in stdout
+
+
+def test_every_clip_lora_figure_of_a_dataset_is_compared(tmp_path, capsys):
+    """A trial one point above each of CLIP-LoRA's per-dataset figures: each is compared, +1.00."""
+    ref = pd.read_csv(ROOT / "scripts" / "paper_results.csv")
+    clip = ref[(ref["table"] == "main") & ref["source"].str.startswith("CLIP-LoRA") & (ref["dataset"] != "Average")]
+    assert len(clip) > 80 and {"coop", "coop4", "cocoop", "plotpp", "maple", "lora", "zeroshot"} <= set(clip["rows"])
+    out = tmp_path / "out"
+    for r in clip.itertuples():
+        write(out, "main_table", r.dataset, r.rows, max(r.shots, 1), 1, r.top1 + 1.0)
+    aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset", "shots"])
+    for r in clip.itertuples():
+        assert paper.loc[(r.rows, r.dataset, max(r.shots, 1)), "difference"] == pytest.approx(1.0), r
+
+
+def test_the_summarys_prev_sota_averages_are_not_held_to_relora(tmp_path, capsys):
+    """72.5/75.3/77.1, which a summary names ReLoRA's, are CLIP-LoRA's averages within 0.3: no relora Average
+    figure; its per-dataset cells stay (with a note)."""
+    out = tmp_path / "out"
+    for dataset in aggregate_module.PAPER_ORDER:
+        write(out, "main_table", dataset, "relora", 1, 1, 70.0)
+    aggregate(capsys, out)
+    paper = pd.read_csv(out / "aggregate" / "paper.csv").set_index(["row", "dataset"])
+    assert paper.loc[("relora", "Average")].isna()["paper"]
+    assert paper.loc[("relora", "fgvc_aircraft"), "paper"] == 28.8
+    ref = pd.read_csv(ROOT / "scripts" / "paper_results.csv")
+    moved = ref[ref["rows"] == "prev_sota_unattributed"]
+    assert moved["top1"].tolist() == [72.5, 75.3, 77.1] and moved["note"].str.contains("CLIP-LoRA").all()
+
+
+def test_a_cell_given_twice_is_compared_once(tmp_path, capsys):
+    csv = tmp_path / "paper_results.csv"
+    csv.write_text("table,rows,printed_as,dataset,shots,top1,source,note\n"
+                   "main,so|so_reference_cli,SO,dtd,4,66.4,a,\nmain,so,SO,dtd,4,60.0,b,\n"
+                   "main,lora,LoRA,dtd,4,63.5,a,\n")
+    ref = aggregate_module.paper_figures("main", csv)
+    assert "so dtd 4-shot" in capsys.readouterr().err
+    assert sorted(zip(ref["row"], ref["paper"])) == [("lora", 63.5), ("so", 66.4), ("so_reference_cli", 66.4)]
 
 
 def test_confidence_intervals_use_students_t(main_table, tmp_path, capsys):
