@@ -72,6 +72,7 @@ def checked_config(config, run_dir):
     """The checks that need nothing but the config (and what it names on disk)."""
     from datasets import templates
     from datasets.base import SAMPLERS
+    from so.clip.head_kinds import KIND_KEYS, PROMPT_LEARNERS
 
     refuse_added_keys()
     check_run(config)
@@ -80,6 +81,13 @@ def checked_config(config, run_dir):
     if config["dataset"].get("test_only") and not config["eval_only"] and config["method"]["kind"] != "zeroshot":
         raise ValueError(f"dataset={config['dataset']['name']} has no training split: evaluate a saved ImageNet run "
                          "on it with eval_only=true trained_from=<that run's folder> (README, Domain generalization).")
+    method = config["method"]
+    if method["kind"] in KIND_KEYS and config["eval_only"]:
+        raise ValueError(f"method={method['name']} with eval_only=true: a head on image features is evaluated in "
+                         "the trial that trains it (its cache and classifier are built from the training classes).")
+    if method["kind"] in KIND_KEYS and config["base_to_novel"] and method["kind"] not in PROMPT_LEARNERS:
+        raise ValueError(f"method={method['name']} with base_to_novel=true: it learns one vector per training class "
+                         "and cannot score the novel classes; the prompt learners can (coop, cocoop, kgcoop).")
     if config["eval_only"]:
         trained = Path(config["trained_from"] or run_dir).expanduser() / "trained.pt"
         if not trained.is_file():
@@ -109,6 +117,19 @@ def refuse_added_keys():
                               "set a key that exists without '+' (python main.py dataset=<name> --cfg job lists them).")
 
 
+def per_dataset_settings(cfg):
+    """The method's per-dataset settings (method.per_dataset: its authors' for some datasets) written
+    into `cfg`, but the keys given on the command line; returns what was written."""
+    if not cfg.method.get("per_dataset"):
+        return {}
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from so.clip.head_kinds import apply_per_dataset
+
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))}
+    return apply_per_dataset(cfg, given)
+
+
 def check_parts(config):
     """The checks that need torch but no model or data: the method, the optimizer, their pairing,
     precision, compile, the logger."""
@@ -128,7 +149,12 @@ def describe(config, run_dir):
     """One line: what this trial builds and where it writes."""
     method, optimizer, model = config["method"], config["optimizer"], config["model"]
     trains = {"weights": "CLIP's weight matrices", "lora": "LoRA adapters", "relora": "ReLoRA adapters",
-              "zeroshot": "nothing"}.get(method["kind"], method["kind"])
+              "zeroshot": "nothing", "coop": "a prompt context", "cocoop": "a prompt context and its meta-net",
+              "clip_adapter": "an adapter on image features", "tip_adapter": "a cache model of image features",
+              "taskres": "a residual on the text classifier", "linear_probe": "a linear probe on image features",
+              }.get(method["kind"], method["kind"])
+    if method["kind"] == "tip_adapter" and not method["fine_tune"]:
+        trains = "nothing (a cache model of image features)"
     steps = f", stepped by optimizer={optimizer['name']}" if method["kind"] != "zeroshot" else ""
     weights = model["pretrained"] or "random weights"
     return (f"{config['dataset']['name']} {config['shots']}-shot seed {config['seed']}: method={method['name']} "
@@ -211,6 +237,8 @@ def main(cfg: DictConfig):
     log_file = LogFile()
     with open_dict(cfg):
         cfg.name = str(cfg.name)  # name=nan or name=2024 arrive as numbers
+        with reported():
+            authors = per_dataset_settings(cfg)
     config = task_config(cfg)
     with reported(cleanup=lambda: remove_empty_folders(run_dir, config["paths"]["out_root"])):
         check_run_folder(config, run_dir)
@@ -220,6 +248,9 @@ def main(cfg: DictConfig):
     with reported():
         checked_config(config, run_dir)
         log.info("%s", describe(config, run_dir))
+        if authors:
+            log.info("method=%s on %s, as its authors ran it: %s", config["method"]["name"], config["dataset"]["name"],
+                     ", ".join(f"{k}={v}" for k, v in authors.items()))
     lock = RunLock(run_dir)
     with lock as held:
         if not held:
@@ -248,6 +279,9 @@ def build(cfg):
     """Seed everything, then the trial's parts (trial.Parts). torch and the rest are imported here,
     after the checks."""
     from datasets import build_dataset
+    from datasets.classes import base_and_novel
+    from so.clip.head_kinds import KIND_KEYS
+    from features import head_task
     from so.clip.methods import build_method
     from so.clip.model import build_clip, state_digest
     from so.clip.runtime import resolve_device, resolve_precision, seed_everything, set_tf32
@@ -263,14 +297,17 @@ def build(cfg):
     dataset = build_dataset(config["dataset"].get("loader", cfg.dataset.name), cfg.dataset.root, cfg.shots, cfg.seed,
                             Path(cfg.paths.cache_dir).expanduser(), templates=cfg.dataset.templates,
                             sampler=cfg.fewshot_sampler, **options)
+    dataset, novel = base_and_novel(dataset) if cfg.base_to_novel else (dataset, None)
     if cfg.model.pretrain_if_missing:  # model=tiny_pretrained: the sandbox model, built once
         build_if_missing(cfg.model.pretrained, cfg.model.name)
     model, eval_transform, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, device=device,
                                                   allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     weights = state_digest(model)  # before the method adds or changes anything: zero-shot's cache key
-    method = build_method(config["method"], config["optimizer"], model, seed=cfg.seed)
-    return Parts(model, eval_transform, tokenizer, dataset, method, device, weights)
+    task = (head_task(config, model, dataset, tokenizer, eval_transform, device, weights)
+            if config["method"]["kind"] in KIND_KEYS else None)  # a head trains on cached image features
+    method = build_method(config["method"], config["optimizer"], model, seed=cfg.seed, task=task)
+    return Parts(model, eval_transform, tokenizer, dataset, method, device, weights, novel)
 
 
 def recipe(**overrides):

@@ -15,18 +15,27 @@ import torch
 from tqdm import tqdm
 
 from datasets.pipeline import TrainImages
+from so.clip.head_kinds import epochs_for
 from so.clip.runtime import autocast, compiled, grad_scaler
-from so.clip.step import forward_loss, train_step
+from so.clip.step import forward_loss, optimizer_step, train_step
 
 log = logging.getLogger(__name__)
 
 ETA_MIN = 1e-6  # the cosine's final learning rate (the released code's and CLIP-LoRA's)
 
 
-def budget(cfg):
-    """The most training iterations: iters_per_shot x shots when set (the released code's rule),
-    else max_iters."""
+def budget(cfg, method=None, examples=None):
+    """The most training iterations: a head's method.epochs passes over its `examples` train images
+    (the authors' schedule), else iters_per_shot x shots when set (the released code's rule), else
+    max_iters."""
+    if method is not None and method.epochs is not None:
+        return epochs_for(method.epochs, cfg.shots) * math.ceil(examples / batch_size(cfg, method))
     return cfg.iters_per_shot * cfg.shots if cfg.iters_per_shot else cfg.max_iters
+
+
+def batch_size(cfg, method):
+    """The method's own batch (a head's authors'), else batch_size."""
+    return method.batch_size or cfg.batch_size
 
 
 @dataclass
@@ -51,36 +60,37 @@ def curve_point(iteration, probe, window, steps, lr, model, device):
 
 
 def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_counts=None, probe=None):
-    """Run the loop until a full pass's mean loss is below stop_loss, max_iters, or a non-finite
+    """Run the loop until a full pass's mean loss is below stop_loss, the budget, or a non-finite
     loss; returns the Outcome. `update_counts` (so.clip.updates.UpdateCounts) counts what each SO step
-    moved; `probe()`, the top-1 of the curve, runs every cfg.eval_every iterations."""
-    preprocess = model.visual.preprocess_cfg
+    moved; `probe()`, the top-1 of the curve, runs every cfg.eval_every iterations. A head (a method on
+    frozen image features) trains on its cached features, one view per pass, for its epochs: no early
+    stop."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
-                         generator=generator, crop_from_original=cfg.crop_from_original)
-    labels = torch.tensor([r.label for r in train_x], device=device)
-    optimizer = method.optimizer
-    loss_fn = compiled(forward_loss, cfg.compile)
-    total = budget(cfg)
-    scheduler = method.scheduler(total, ETA_MIN)
+    optimizer, head, per_batch = method.optimizer, method.head, batch_size(cfg, method)
+    total = budget(cfg, method, len(train_x))
+    scheduler = method.scheduler(total, ETA_MIN, math.ceil(len(train_x) / per_batch))
     scaler = grad_scaler(cfg.precision, device, method.reads_in_backward)
-    text_trains = any(not name.startswith("visual.") for name in method.trainable)
+    stop_loss = None if method.epochs is not None else cfg.stop_loss
     model.train()
-    if not text_trains:
-        with torch.no_grad(), autocast(cfg.precision, device):
-            fixed_text = prompts.embeddings(model)
+    if head is None:
+        step = image_steps(cfg, model, prompts, method, train_x, device, generator, scaler)
+    else:
+        views = head.task.train
+        step = lambda batch, passes: optimizer_step(  # noqa: E731
+            lambda: head.loss(model, views.view(passes)[batch], views.labels[batch]), optimizer, cfg.precision,
+            device, scaler)
 
     done = Outcome()
     window, steps = torch.zeros((), device=device), 0  # the losses since the last curve point
     last = None  # (iteration, loss) of the latest step, checked one step later: no wait on the GPU
     bar = tqdm(total=total, desc="train", leave=False)
+    passes = 0
     while done.iterations < total and not (done.stopped_early or done.diverged_at):
         order = torch.randperm(len(train_x), generator=generator)
         loss_sum, seen = torch.zeros((), device=device), 0
-        for batch in order.split(cfg.batch_size):
+        for batch in order.split(per_batch):
             batch = batch.to(device)
-            loss = train_step(model, prompts, images.batch(batch), labels[batch], optimizer, cfg.precision,
-                              device, None if text_trains else fixed_text, loss_fn, scaler, method.closure_step)
+            loss = step(batch, passes)
             scheduler.step()
             if last is not None and not torch.isfinite(last[1]):
                 done.diverged_at = last[0]
@@ -112,7 +122,8 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
                 if wandb_run is not None:
                     wandb_run.log({"train/loss": pass_loss, "lr": scheduler.get_last_lr()[0]},
                                   step=done.iterations)
-                done.stopped_early = cfg.stop_loss is not None and pass_loss < cfg.stop_loss
+                done.stopped_early = stop_loss is not None and pass_loss < stop_loss
+        passes += 1
     bar.close()
     if not done.diverged_at and last is not None and not torch.isfinite(last[1]):
         done.diverged_at = last[0]
@@ -121,3 +132,20 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
                     "stops here; results.json records status \"diverged\" and no accuracy.",
                     done.diverged_at, scheduler.base_lrs[0])
     return done
+
+
+def image_steps(cfg, model, prompts, method, train_x, device, generator, scaler):
+    """step(batch, passes) for a method that trains CLIP's own weights or adapters: the few-shot images
+    augmented on the device (their crops drawn from `generator`), through both towers (the class
+    embeddings computed once when the text tower does not train)."""
+    preprocess = model.visual.preprocess_cfg
+    images = TrainImages(train_x, device, model.visual.image_size, preprocess["mean"], preprocess["std"],
+                         generator=generator, crop_from_original=cfg.crop_from_original)
+    labels = torch.tensor([r.label for r in train_x], device=device)
+    loss_fn = compiled(forward_loss, cfg.compile)
+    fixed_text = None
+    if not any(not name.startswith("visual.") for name in method.trainable):  # the text tower does not train
+        with torch.no_grad(), autocast(cfg.precision, device):
+            fixed_text = prompts.embeddings(model)
+    return lambda batch, passes: train_step(model, prompts, images.batch(batch), labels[batch], method.optimizer,  # noqa: E731
+                                            cfg.precision, device, fixed_text, loss_fn, scaler, method.closure_step)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import train
-from datasets.classes import base_and_novel, harmonic_mean
+from datasets.classes import harmonic_mean
 from datasets.pipeline import test_loader
 from datasets.test_cache import TestImages
 from datasets.test_cache import key as test_key
@@ -43,19 +43,24 @@ class Parts:
     method: Method
     device: torch.device
     weights_digest: str      # so.clip.model.state_digest of the model before the method changed it
+    novel: object = None     # base_to_novel: the novel classes (dataset then holds the base ones)
 
 
 @torch.no_grad()
-def evaluate(model, prompts, loader, precision, device, desc):
-    """Top-1 accuracy in percent over `loader`."""
+def evaluate(model, prompts, loader, precision, device, desc, head=None):
+    """Top-1 accuracy in percent over `loader`: CLIP's zero-shot classifier of `prompts` on the model's
+    image features, or a head's (so.clip.heads) over the classes of `prompts`."""
     model.eval()
     with autocast(precision, device):
-        text = prompts.embeddings(model)
+        if head is None:
+            text = prompts.embeddings(model)
+            score = lambda image: F.normalize(image, dim=-1) @ text.T  # noqa: E731
+        else:
+            score = head.scorer(model, prompts)
         correct = total = 0
         for images, labels in tqdm(loader, desc=desc, leave=False):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            image = F.normalize(model.encode_image(images), dim=-1)
-            correct += (image @ text.T).argmax(dim=-1).eq(labels).sum()
+            correct += score(model.encode_image(images)).argmax(dim=-1).eq(labels).sum()
             total += labels.numel()
     return 100.0 * float(correct) / max(total, 1)
 
@@ -104,7 +109,7 @@ def run(cfg, parts, run_dir):
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, novel = base_and_novel(parts.dataset) if cfg.base_to_novel else (parts.dataset, None)
+    dataset, novel, head = parts.dataset, parts.novel, method.head
     wandb_run = start_run(cfg.logger, config, run_dir, f"{dataset.name}-{method.name}-{cfg.shots}shot-seed{cfg.seed}")
     prompts = Prompts(dataset, parts.tokenizer, device)
     loader = test_set(dataset.name, dataset.test, parts, cfg)
@@ -112,7 +117,7 @@ def run(cfg, parts, run_dir):
     if novel is not None:
         novel_prompts = Prompts(novel, parts.tokenizer, device)
         novel_loader = test_set(dataset.name, novel.test, parts, cfg)
-        on_novel = lambda desc: evaluate(model, novel_prompts, novel_loader, cfg.precision, device, desc)  # noqa: E731
+        on_novel = lambda desc: evaluate(model, novel_prompts, novel_loader, cfg.precision, device, desc, head)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -127,7 +132,7 @@ def run(cfg, parts, run_dir):
         probe_loader = loader if len(subset) == len(dataset.test) else (
             loader.subset(subset) if isinstance(loader, TestImages) else
             test_loader([dataset.test[i] for i in subset], parts.eval_transform, cfg.eval_batch_size, cfg.num_workers))
-        probe = lambda: evaluate(model, prompts, probe_loader, cfg.precision, device, "curve eval")  # noqa: E731
+        probe = lambda: evaluate(model, prompts, probe_loader, cfg.precision, device, "curve eval", head)  # noqa: E731
     if cfg.eval_only:
         load_trained(method, model, Path(cfg.trained_from or run_dir) / "trained.pt")
     elif method.optimizer is not None:
@@ -144,7 +149,11 @@ def run(cfg, parts, run_dir):
         seconds = time.perf_counter() - start
     top1 = novel_top1 = None
     if not done.diverged_at:
-        top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval")
+        if head is not None:
+            head.after_training(model)  # Tip-Adapter's alpha/beta search on the val split
+            if head.fitted():
+                log.info("fitted on the val split: %s", ", ".join(f"{k}={v:.4g}" for k, v in head.fitted().items()))
+        top1 = evaluate(model, prompts, loader, cfg.precision, device, "final eval", head)
         novel_top1 = on_novel("final eval, novel classes") if on_novel else None
         log.info("final top-1: %.2f (%d iterations%s)", top1, done.iterations,
                  ", stopped early" if done.stopped_early else "")
@@ -176,6 +185,8 @@ def run(cfg, parts, run_dir):
     }
     if cfg.eval_every:
         results |= {"curve": done.curve, "curve_images": curve_images}
+    if head is not None and head.fitted():
+        results["fitted"] = head.fitted()  # Tip-Adapter's alpha and beta
     if novel is not None:  # top1 and zeroshot_top1 are the base classes'
         results |= {"base_classes": len(dataset.classnames), "novel_classes": len(novel.classnames),
                     "zeroshot_novel_top1": zeroshot_novel, "novel_top1": novel_top1,

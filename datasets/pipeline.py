@@ -1,7 +1,7 @@
 """The image pipeline: train images decoded once and augmented on the training device; test streamed.
 
 TrainImages decodes the k-shot images once per trial into uint8 tensors and applies CLIP's few-shot
-training augmentation per batch on the device: RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3),
+training augmentation per batch on the device: RandomResizedCrop(S, scale=(0.08, 1) unless told, ratio=(3/4, 4/3),
 bicubic) + horizontal flip + normalisation, with per-image parameters from a seeded torch.Generator.
 Crop parameters are drawn for the whole batch at once (same distribution as torchvision's
 RandomResizedCrop.get_params); each crop is then resized with F.interpolate(bicubic, antialias=True),
@@ -56,11 +56,12 @@ def square_size(image_size):
     return int(size[0])
 
 
-def crop_params(heights, widths, generator):
-    """Per image (top, left, h, w) with torchvision RandomResizedCrop's distribution, all drawn at once."""
+def crop_params(heights, widths, generator, scale=SCALE):
+    """Per image (top, left, h, w) with torchvision RandomResizedCrop's distribution (area share in
+    `scale`), all drawn at once."""
     n = len(heights)
     H, W = heights.double()[:, None], widths.double()[:, None]
-    area = H * W * torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(*SCALE, generator=generator)
+    area = H * W * torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(math.log(RATIO[0]), math.log(RATIO[1]),
                                                                       generator=generator)
     aspect = log_ratio.exp()
@@ -91,7 +92,8 @@ class TrainImages:
     crop_from_original=True keeps every image as it is (the released code crops the original), at
     the memory of the full-resolution images."""
 
-    def __init__(self, records, device, image_size, mean, std, generator=None, crop_from_original=False):
+    def __init__(self, records, device, image_size, mean, std, generator=None, crop_from_original=False,
+                 scale=SCALE):
         if len(records) == 0:
             raise ValueError("TrainImages needs at least one record")
         self.size = square_size(image_size)
@@ -102,7 +104,7 @@ class TrainImages:
             generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         if generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-        self.generator = generator
+        self.generator, self.scale = generator, tuple(scale)
         max_side = None if crop_from_original else 2 * self.size
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
             images = list(pool.map(lambda r: decode(r.path, max_side), records))
@@ -121,7 +123,7 @@ class TrainImages:
 
     def batch(self, indices):
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        top, left, h, w = crop_params(self.heights[indices], self.widths[indices], self.generator)
+        top, left, h, w = crop_params(self.heights[indices], self.widths[indices], self.generator, self.scale)
         flip = torch.rand(len(indices), generator=self.generator) < 0.5
         out = torch.empty(len(indices), 3, self.size, self.size, device=self.device)
         for b, (i, t, l, hh, ww) in enumerate(zip(*(x.tolist() for x in (indices, top, left, h, w)))):

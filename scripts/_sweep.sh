@@ -12,6 +12,9 @@ OVERRIDES=()   # extra Hydra overrides for every trial (launcher, max_iters, ...
 TRIALS=0
 FAILED=()
 
+# The field's comparison table (configs/method/): what the word baselines stands for in METHODS.
+BASELINES="coop coop4 cocoop kgcoop clip_adapter tip_adapter tip_adapter_f taskres lp clap"
+
 benchmarks() {  # the 11 benchmarks, in the paper's order: the list every part reads (datasets/catalog.py)
   (cd "$ROOT" && "$PYTHON" -m datasets.catalog) || { echo "$(basename "$0"): cannot list the benchmarks with $PYTHON" >&2; exit 2; }
 }

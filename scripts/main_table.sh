@@ -15,7 +15,10 @@
 #   DATA      data root holding the benchmark folders (DATASETS.md), or pass paths.data_root=...
 #   PROTOCOL  paper (default) | official_so | clip_lora
 #   DATASETS  default: the 11 benchmarks
-#   METHODS   default: the PROTOCOL's (zeroshot: once per dataset, at the first SHOTS and SEEDS)
+#   METHODS   default: the PROTOCOL's (zeroshot: once per dataset, at the first SHOTS and SEEDS); the word
+#             baselines stands for the field's table: coop coop4 cocoop kgcoop clip_adapter tip_adapter
+#             tip_adapter_f taskres lp clap, each with its authors' schedule (README, The field's baselines:
+#             not in the default list, CoOp's and CoCoOp's text-tower passes alone outweigh the paper's methods)
 #   SHOTS     default: "1 2 4 8 16"
 #   SEEDS     default: "1 2 3"
 #   NAME      experiment name, default: the PROTOCOL's
@@ -31,6 +34,7 @@ if [[ ! -v "PROTOCOL_METHODS[$PROTOCOL]" ]]; then
 fi
 DATASETS="${DATASETS:-$(benchmarks)}"
 METHODS="${METHODS:-${PROTOCOL_METHODS[$PROTOCOL]}}"
+METHODS="${METHODS//baselines/$BASELINES}"
 SHOTS="${SHOTS:-1 2 4 8 16}"
 SEEDS="${SEEDS:-1 2 3}"
 if [[ $PROTOCOL == paper ]]; then fixed=(); NAME="${NAME:-main_table}"

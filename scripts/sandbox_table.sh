@@ -10,7 +10,8 @@
 #   HYDRA_OVERRIDE    added to every trial, e.g. max_iters=300 logger=none num_workers=0, paths.cache_dir=...
 # Environment (space-separated lists):
 #   DATASETS  default: "synthetic_compositions synthetic_shift"
-#   METHODS   default: "so relora lora galore adam zeroshot"
+#   METHODS   default: "so relora lora galore adam zeroshot"; the word baselines stands for the field's table
+#             (coop coop4 cocoop kgcoop clip_adapter tip_adapter tip_adapter_f taskres lp clap)
 #   SHOTS     default: "1 4 16"
 #   SEEDS     default: "1 2 3"
 #   NAME      experiment name, default: sandbox_table
@@ -19,6 +20,7 @@ source "$(dirname "$0")/_sweep.sh"
 
 DATASETS="${DATASETS:-synthetic_compositions synthetic_shift}"
 METHODS="${METHODS:-so relora lora galore adam zeroshot}"
+METHODS="${METHODS//baselines/$BASELINES}"
 SHOTS="${SHOTS:-1 4 16}"
 SEEDS="${SEEDS:-1 2 3}"
 NAME="${NAME:-sandbox_table}"

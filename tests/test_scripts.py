@@ -166,3 +166,11 @@ def test_dg_table_trains_on_imagenet_then_evaluates_each_target():
         + [f"name=dg_table dataset=imagenet method=so save=true shots=16 seed={s}" for s in (1, 2)]
         + [f"name=dg_table dataset={d} method=so eval_only=true {trained_from} shots=16 seed={s}"
            for d in targets for s in (1, 2)])
+
+
+def test_the_word_baselines_stands_for_the_fields_table():
+    lines = trials("main_table.sh", DATASETS="dtd", SHOTS="4", SEEDS="1", METHODS="so baselines zeroshot")
+    methods = [line.split("method=")[1].split()[0] for line in lines]
+    assert methods == ["zeroshot", "so", "coop", "coop4", "cocoop", "kgcoop", "clip_adapter", "tip_adapter",
+                       "tip_adapter_f", "taskres", "lp", "clap"]
+    assert len(trials("sandbox_table.sh", METHODS="baselines")) == 2 * 10 * 3 * 3

@@ -7,6 +7,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from so.clip.head_kinds import KIND_KEYS
 from so.clip.lora import merge_adapters
 from so.clip.methods import build_method, load_trained
 from so.clip.model import build_clip, class_embeddings, tokenize
@@ -25,6 +26,11 @@ def read_run(run_dir):
     if current_layout(results["config"])["method"]["kind"] == "zeroshot":
         raise ValueError(f"{run_dir} is a zero-shot run: nothing was trained; use the model's own weights "
                          f"({results['config']['model']['name']}, {results['config']['model']['pretrained']})")
+    method = current_layout(results["config"])["method"]
+    if method["kind"] in KIND_KEYS:
+        raise ValueError(f"{run_dir}: method={method['name']} trained a head on CLIP's image features (a prompt "
+                         "context, adapter, cache or probe), not CLIP's weights; export and predict take a run of a "
+                         "method that trains CLIP's weights or LoRA adapters. Its trained.pt holds the head's tensors.")
     if not trained.is_file():
         raise FileNotFoundError(f"{trained} not found: train the run with save=true")
     if "classnames" not in results:

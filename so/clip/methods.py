@@ -5,6 +5,10 @@
     lora      CLIP-LoRA adapters on q, k, v (and o) of the chosen blocks; `dora: true` for DoRA
     relora    LoRA's adapters, merged and restarted every `reset_every` steps (so/clip/relora.py)
     zeroshot  nothing trains
+    coop, cocoop, clip_adapter, tip_adapter, taskres, linear_probe
+              a head on frozen image features (so/clip/heads.py): prompt learners, adapters, probes,
+              trained with their authors' schedule (method.epochs, batch_size, warm-up) on cached
+              features (features.py)
 
 The presets (configs/method/) name both: so, so_reference_cli, adam and galore train `weights` with
 their optimizer; lora and dora train adapters with AdamW; relora restarts them. The harness asks the
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from so.clip import head_kinds as heads
 from so.clip.config import ConfigError, choice, expect, method_label
 from so.clip.lora import TARGETS, add_adapters
 from so.clip.optimizers import build_optimizer, kind_of, reads_in_backward
@@ -32,7 +37,7 @@ PLACEMENT = ("encoder", "position")
 LORA_KEYS = (*PLACEMENT, "targets", "rank", "alpha", "dropout", "dora")
 RESTART_KEYS = ("reset_every", "restart_warmup", "prune_ratio", "prune_together")
 KINDS = {"weights": (*PLACEMENT, "matrices"), "lora": LORA_KEYS, "relora": (*LORA_KEYS, *RESTART_KEYS),
-         "zeroshot": ()}
+         "zeroshot": (), **{kind: (*heads.SCHEDULE_KEYS, *keys) for kind, keys in heads.KIND_KEYS.items()}}
 
 
 @dataclass
@@ -45,17 +50,30 @@ class Method:
     counts_updates: bool = False                 # the optimizer keeps SO's per-entry state (update_counts)
     restarts: Restarts | None = None             # ReLoRA's
     closure_step: bool = False                   # the optimizer steps from a closure of forward passes (MeZO)
+    head: torch.nn.Module | None = None          # a head on frozen image features (so.clip.heads), or None
+    epochs: object = None                        # a head's schedule: method.epochs (int or {shots: epochs}),
+    batch_size: int | None = None                # its batch, and a constant warm-up of warmup_epochs passes
+    warmup_epochs: int = 0                       # at warmup_lr before the cosine (None, 0: the protocol's
+    warmup_lr: float = 0.0                       # iteration budget, batch_size and early stop)
 
     @property
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
 
-    def scheduler(self, total, eta_min):
+    def scheduler(self, total, eta_min, pass_steps=1):
         """The learning rate over `total` steps down to `eta_min`: the cosine (the released code's and
-        CLIP-LoRA's), or ReLoRA's jagged cosine."""
+        CLIP-LoRA's), ReLoRA's jagged cosine, or a head's constant warm-up of warmup_epochs passes of
+        `pass_steps` steps at warmup_lr, then the cosine over `total` (Dassl's ConstantWarmupScheduler,
+        per step)."""
         if self.restarts is not None:
             return self.restarts.scheduler(total, eta_min)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total, eta_min=eta_min)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total, eta_min=eta_min)
+        warmup = self.warmup_epochs * pass_steps
+        if not warmup:
+            return cosine
+        lr = self.optimizer.param_groups[0]["lr"]
+        constant = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.warmup_lr / lr)
+        return torch.optim.lr_scheduler.SequentialLR(self.optimizer, [constant, cosine], milestones=[warmup])
 
 
 def check_method(cfg, cfg_optimizer):
@@ -69,7 +87,9 @@ def check_method(cfg, cfg_optimizer):
     if missing or unknown or not cfg.get("name"):
         raise ConfigError(f"method={cfg.get('name')} (kind {kind}): missing keys {missing}, unknown keys {unknown}; "
                           f"expected name, kind, default_optimizer and {list(KINDS[kind])}.")
-    if kind != "zeroshot":
+    if kind in heads.KIND_KEYS:
+        heads.check_head(cfg)
+    elif kind != "zeroshot":
         choice("method.encoder", cfg["encoder"], list(TOWERS))
         choice("method.position", cfg["position"], POSITIONS)
     if kind == "weights":
@@ -94,21 +114,28 @@ def check_method(cfg, cfg_optimizer):
             raise ConfigError("method.dora=true: ReLoRA merges B A into the weight, which DoRA's magnitude "
                               "vector does not allow; use dora: false.")
     spec, optimizer = kind_of(cfg_optimizer), cfg_optimizer.get("name")
-    if (kind == "zeroshot") != (spec is None):
+    trains_nothing = kind == "zeroshot" or (kind in heads.KIND_KEYS and not heads.trains(cfg))
+    if trains_nothing != (spec is None):
         raise ConfigError(f"method={cfg['name']} with optimizer={optimizer}: " + (
-            "zero-shot trains nothing, so nothing can step; use optimizer=none." if kind == "zeroshot" else
+            f"{'zero-shot' if kind == 'zeroshot' else 'this method'} trains nothing, so nothing can step; use "
+            "optimizer=none." if trains_nothing else
             "nothing would step what this method trains; choose an optimizer (e.g. its preset's, "
             f"optimizer={cfg.get('default_optimizer')})."))
+    if kind in heads.KIND_KEYS and spec is not None and spec.closure_step:
+        raise ConfigError(f"method={cfg['name']} with optimizer={optimizer}: MeZO perturbs CLIP's linear layers in "
+                          "their forward, and this method trains a head on frozen image features; use a "
+                          f"first-order optimizer (e.g. its preset's, optimizer={cfg.get('default_optimizer')}).")
     if kind == "relora" and not spec.adam_moments:
         raise ConfigError(f"method={cfg['name']} with optimizer={optimizer}: ReLoRA prunes the optimizer's Adam "
                           "moments (exp_avg, exp_avg_sq) of every factor at each restart, and this optimizer keeps "
                           "none it can prune in place; use optimizer=adamw (the preset's), adam or galore.")
 
 
-def build_method(cfg, cfg_optimizer, model, seed):
-    """Freeze `model`, add adapters if the method has them, mark what trains and build the optimizer
-    that steps it. `cfg` and `cfg_optimizer` are plain mappings (main.py resolves the Hydra config; no
-    omegaconf needed here); `seed` seeds SO's support draws."""
+def build_method(cfg, cfg_optimizer, model, seed, task=None):
+    """Freeze `model`, add adapters or a head if the method has them, mark what trains and build the
+    optimizer that steps it. `cfg` and `cfg_optimizer` are plain mappings (main.py resolves the Hydra
+    config; no omegaconf needed here); `seed` seeds SO's support draws; `task` (heads.HeadTask) is what
+    a head kind is built from."""
     check_method(cfg, cfg_optimizer)
     kind = cfg["kind"]
     model.requires_grad_(False)
@@ -116,6 +143,10 @@ def build_method(cfg, cfg_optimizer, model, seed):
         trainable = select_weights(model, cfg["encoder"], cfg["position"], cfg["matrices"])
     elif kind in ("lora", "relora"):
         trainable = _add_lora(cfg, model)
+    elif kind in heads.KIND_KEYS:
+        if task is None:
+            raise ValueError(f"method={cfg['name']} trains a head on image features: build_method needs its task.")
+        trainable = _add_head(cfg, model, task)
     else:
         trainable = {}
     optimizer = build_optimizer(cfg_optimizer, trainable, seed) if trainable else None
@@ -131,6 +162,10 @@ def build_method(cfg, cfg_optimizer, model, seed):
     method = Method(method_label(cfg["name"], cfg.get("default_optimizer"), cfg_optimizer["name"]), trainable,
                     optimizer, reads_in_backward=reads_in_backward(cfg_optimizer),
                     counts_updates=bool(spec and spec.sparse_state), closure_step=bool(spec and spec.closure_step))
+    if kind in heads.KIND_KEYS:
+        method.head = model.head
+        method.epochs, method.batch_size = cfg["epochs"], cfg["batch_size"]
+        method.warmup_epochs, method.warmup_lr = cfg["warmup_epochs"], cfg["warmup_lr"]
     if kind == "relora":
         from peft.tuners.lora import LoraLayer
 
@@ -184,6 +219,20 @@ def _add_lora(cfg, model):
     for p in trainable.values():
         p.requires_grad_(True)
     return trainable
+
+
+def _add_head(cfg, model, task):
+    """The head of a head kind's config over `task` (heads.HeadTask), attached as model.head; its
+    parameters, trainable. (Imported here: open_clip's import is seconds, and a config error comes first.)"""
+    from so.clip.adapters import CLIPAdapter, LinearProbe, TaskRes, TipAdapter
+    from so.clip.prompt_learners import CoCoOp, CoOp
+
+    kinds = {"coop": CoOp, "cocoop": CoCoOp, "clip_adapter": CLIPAdapter, "tip_adapter": TipAdapter,
+             "taskres": TaskRes, "linear_probe": LinearProbe}
+    model.head = kinds[cfg["kind"]](cfg, model, task).to(task.train.features.device)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return {f"head.{n}": p for n, p in model.head.named_parameters()}
 
 
 def save_trained(method, model, path):

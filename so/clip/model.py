@@ -56,13 +56,19 @@ def tokenize(tokenizer, prompts, device):
 def encode_text(model, tokens, normalize=True):
     """open_clip's CLIP.encode_text on tokens of any length <= context_length, attention and
     positional embedding sliced to that length (open_clip has no option for this)."""
-    length = tokens.shape[1]
+    return encode_embeddings(model, model.token_embedding(tokens), tokens.argmax(dim=-1), normalize)
+
+
+def encode_embeddings(model, embeddings, eot, normalize=True):
+    """The text tower on token embeddings [B, L, W] (a prompt learner's, with learned context in
+    them), pooled at the positions `eot` [B] (the EOT tokens)."""
+    length = embeddings.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
+    x = embeddings.to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
     x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1) if normalize else x
 

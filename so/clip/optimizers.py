@@ -6,6 +6,7 @@ optimizer registry).
             steps computes their weight gradients at the support only (so.sparse_grad)
     adam    torch.optim.Adam (fused on CUDA, foreach elsewhere)
     adamw   torch.optim.AdamW (the same)
+    sgd     torch.optim.SGD (the same): the prompt learners' and the probes' (their presets name whose)
     galore  so.clip.galore.GaLore: AdamW in a low-rank projection of each matrix's gradient
     spam    pytorch-optimizer's SPAM: Adam on a random mask redrawn with its moments reset
     mezo    so.clip.mezo.MeZO: zeroth-order steps from two forward passes (and the branch-wise hybrid)
@@ -76,6 +77,7 @@ class Kind:
 KINDS = {"so": Kind(_so, seeded=True, sparse_state=True, options=("step_in_backward", "sparse_backward")),
          "adam": Kind(_torch("Adam"), fast_path=True, adam_moments=True),
          "adamw": Kind(_torch("AdamW"), fast_path=True, adam_moments=True),
+         "sgd": Kind(_torch("SGD"), fast_path=True),
          "galore": Kind(_galore, adam_moments=True),
          "spam": Kind(_spam),
          "mezo": Kind(_mezo, seeded=True, named=True, closure_step=True)}

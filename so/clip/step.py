@@ -12,6 +12,7 @@ class Prompts:
     """Class prompts tokenized once per trial; their embeddings with or without grad."""
 
     def __init__(self, dataset, tokenizer, device):
+        self.classnames, self.tokenizer = list(dataset.classnames), tokenizer
         self.num_templates = len(dataset.templates)
         prompts = [t.format(c) for c in dataset.classnames for t in dataset.templates]
         self.tokens = tokenize(tokenizer, prompts, device)
@@ -34,9 +35,15 @@ def train_step(model, prompts, images, labels, optimizer, precision, device, tex
     """One iteration; `text` holds fixed class embeddings when the text tower does not train;
     `loss_fn`: forward_loss or its compiled version (so.clip.runtime.compiled); `scaler`: fp16's
     GradScaler; `closure_step`: the optimizer evaluates the loss itself (MeZO), from a closure."""
+    return optimizer_step(lambda: loss_fn(model, prompts, images, labels, text), optimizer, precision, device,
+                          scaler, closure_step)
+
+
+def optimizer_step(loss_of, optimizer, precision, device, scaler=None, closure_step=False):
+    """Backward of `loss_of()` (under autocast) and one optimizer step; returns the loss, detached."""
     def closure():
         with autocast(precision, device):
-            return loss_fn(model, prompts, images, labels, text)
+            return loss_of()
 
     if closure_step:
         loss = optimizer.step(closure)
