@@ -18,11 +18,12 @@ from so.clip.step import Prompts
 from so.files import save_atomic
 
 log = logging.getLogger(__name__)
+CHUNK = 256  # images augmented and encoded at once: the crops are drawn per chunk, so it is fixed
+VERSION = 1  # of the cached features' recipe: part of the key
 
 
 @torch.no_grad()
-def train_views(model, records, views, seed, device, precision, batch_size, crop_from_original=False,
-                crop_scale=(0.08, 1.0)):
+def train_views(model, records, views, seed, device, precision, crop_from_original=False, crop_scale=(0.08, 1.0)):
     """[views, N, D] features of the train records, each view under the harness's training augmentation
     (datasets.pipeline.TrainImages, crops of `crop_scale` of the area) drawn from a generator seeded
     with `seed`."""
@@ -34,8 +35,8 @@ def train_views(model, records, views, seed, device, precision, batch_size, crop
     out = []
     for _ in range(views):
         with autocast(precision, device):
-            out.append(torch.cat([model.encode_image(images.batch(torch.arange(i, min(i + batch_size, len(records)))))
-                                  .float() for i in range(0, len(records), batch_size)]))
+            out.append(torch.cat([model.encode_image(images.batch(torch.arange(i, min(i + CHUNK, len(records)))))
+                                  .float() for i in range(0, len(records), CHUNK)]))
     return torch.stack(out)
 
 
@@ -74,11 +75,11 @@ def encoded(model, records, cache_dir, weights_digest, device, precision, batch_
     how = (f"views={views} seed={seed} crop_from_original={crop_from_original} scale={tuple(crop_scale)}"
            if views is not None
            else f"eval {transform!r}")
-    for part in (weights_digest, records_key(records, "", ""), how, precision, device.type):
+    for part in (VERSION, weights_digest, records_key(records, "", ""), how, precision, device.type):
         digest.update(f"{part}\0".encode())
     path = Path(cache_dir).expanduser() / "features" / f"{digest.hexdigest()}.pt"
     if views is not None:
-        features = cached(path, lambda: train_views(model, records, views, seed, device, precision, batch_size,
+        features = cached(path, lambda: train_views(model, records, views, seed, device, precision,
                                                     crop_from_original, crop_scale))
     else:
         features = cached(path, lambda: eval_features(model, records, transform, device, precision, batch_size,

@@ -155,7 +155,7 @@ def describe(config, run_dir):
               }.get(method["kind"], method["kind"])
     if method["kind"] == "tip_adapter" and not method["fine_tune"]:
         trains = "nothing (a cache model of image features)"
-    steps = f", stepped by optimizer={optimizer['name']}" if method["kind"] != "zeroshot" else ""
+    steps = f", stepped by optimizer={optimizer['name']}" if optimizer["kind"] != "none" else ""
     weights = model["pretrained"] or "random weights"
     return (f"{config['dataset']['name']} {config['shots']}-shot seed {config['seed']}: method={method['name']} "
             f"({trains}{steps}), model {model['name']} ({weights}), protocol "

@@ -29,8 +29,14 @@ def budget(cfg, method=None, examples=None):
     (the authors' schedule), else iters_per_shot x shots when set (the released code's rule), else
     max_iters."""
     if method is not None and method.epochs is not None:
-        return epochs_for(method.epochs, cfg.shots) * math.ceil(examples / batch_size(cfg, method))
+        return epochs_for(method.epochs, cfg.shots) * pass_steps(examples, batch_size(cfg, method), method.drop_last)
     return cfg.iters_per_shot * cfg.shots if cfg.iters_per_shot else cfg.max_iters
+
+
+def pass_steps(examples, per_batch, drop_last=False):
+    """Steps in a pass over `examples`: with drop_last, full batches only (Dassl's loader, when there
+    is at least one), else every batch."""
+    return examples // per_batch if drop_last and examples >= per_batch else math.ceil(examples / per_batch)
 
 
 def batch_size(cfg, method):
@@ -63,22 +69,19 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     """Run the loop until a full pass's mean loss is below stop_loss, the budget, or a non-finite
     loss; returns the Outcome. `update_counts` (so.clip.updates.UpdateCounts) counts what each SO step
     moved; `probe()`, the top-1 of the curve, runs every cfg.eval_every iterations. A head (a method on
-    frozen image features) trains on its cached features, one view per pass, for its epochs: no early
-    stop."""
+    frozen image features) trains on its cached features for its epochs: no early stop."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer, head, per_batch = method.optimizer, method.head, batch_size(cfg, method)
     total = budget(cfg, method, len(train_x))
-    scheduler = method.scheduler(total, ETA_MIN, math.ceil(len(train_x) / per_batch))
+    scheduler = method.scheduler(total, ETA_MIN, pass_steps(len(train_x), per_batch, method.drop_last))
     scaler = grad_scaler(cfg.precision, device, method.reads_in_backward)
     stop_loss = None if method.epochs is not None else cfg.stop_loss
     model.train()
     if head is None:
         step = image_steps(cfg, model, prompts, method, train_x, device, generator, scaler)
+        batches = lambda passes: torch.randperm(len(train_x), generator=generator).split(per_batch)  # noqa: E731
     else:
-        views = head.task.train
-        step = lambda batch, passes: optimizer_step(  # noqa: E731
-            lambda: head.loss(model, views.view(passes)[batch], views.labels[batch]), optimizer, cfg.precision,
-            device, scaler)
+        step, batches = head_steps(cfg, model, method, device, generator, scaler)
 
     done = Outcome()
     window, steps = torch.zeros((), device=device), 0  # the losses since the last curve point
@@ -86,11 +89,11 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     bar = tqdm(total=total, desc="train", leave=False)
     passes = 0
     while done.iterations < total and not (done.stopped_early or done.diverged_at):
-        order = torch.randperm(len(train_x), generator=generator)
-        loss_sum, seen = torch.zeros((), device=device), 0
-        for batch in order.split(per_batch):
+        pass_batches = batches(passes)
+        loss_sum, seen, pass_size = torch.zeros((), device=device), 0, sum(len(b) for b in pass_batches)
+        for batch in pass_batches:
             batch = batch.to(device)
-            loss = step(batch, passes)
+            loss = step(batch)
             scheduler.step()
             if last is not None and not torch.isfinite(last[1]):
                 done.diverged_at = last[0]
@@ -114,7 +117,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
                                    "lr": point["lr"]}, step=done.iterations)
             if done.iterations >= total:
                 break
-        if not done.diverged_at and seen == len(train_x):  # a full pass: the early-stop rule reads its mean
+        if not done.diverged_at and seen == pass_size:  # a full pass: the early-stop rule reads its mean
             pass_loss = float(loss_sum) / seen
             if math.isfinite(pass_loss):
                 done.final_loss = pass_loss
@@ -130,12 +133,12 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     if done.diverged_at:
         log.warning("DIVERGED: the loss of iteration %d is not finite (lr %.3g at the start). Training "
                     "stops here; results.json records status \"diverged\" and no accuracy.",
-                    done.diverged_at, scheduler.base_lrs[0])
+                    done.diverged_at, optimizer.param_groups[0]["initial_lr"])
     return done
 
 
 def image_steps(cfg, model, prompts, method, train_x, device, generator, scaler):
-    """step(batch, passes) for a method that trains CLIP's own weights or adapters: the few-shot images
+    """step(batch) for a method that trains CLIP's own weights or adapters: the few-shot images
     augmented on the device (their crops drawn from `generator`), through both towers (the class
     embeddings computed once when the text tower does not train)."""
     preprocess = model.visual.preprocess_cfg
@@ -147,5 +150,26 @@ def image_steps(cfg, model, prompts, method, train_x, device, generator, scaler)
     if not any(not name.startswith("visual.") for name in method.trainable):  # the text tower does not train
         with torch.no_grad(), autocast(cfg.precision, device):
             fixed_text = prompts.embeddings(model)
-    return lambda batch, passes: train_step(model, prompts, images.batch(batch), labels[batch], method.optimizer,  # noqa: E731
-                                            cfg.precision, device, fixed_text, loss_fn, scaler, method.closure_step)
+    return lambda batch: train_step(model, prompts, images.batch(batch), labels[batch], method.optimizer,  # noqa: E731
+                                    cfg.precision, device, fixed_text, loss_fn, scaler, method.closure_step)
+
+
+def head_steps(cfg, model, method, device, generator, scaler):
+    """(step(batch), batches(passes)) for a head on its cached features, a bank of V views of N images
+    indexed view * N + image: a pass shuffles the images of one view (the views in turn), or, with
+    method.mix_views, draws its batches from the whole bank (CLAP's); drop_last keeps full batches."""
+    views = method.head.task.train
+    count, n = views.features.shape[:2]
+    bank, labels = views.features.flatten(0, 1), views.labels.repeat(count)
+    per_batch = batch_size(cfg, method)
+    take = pass_steps(n, per_batch, method.drop_last) * per_batch
+
+    def batches(passes):
+        order = (torch.randperm(count * n, generator=generator) if method.mix_views else
+                 torch.randperm(n, generator=generator) + (passes % count) * n)
+        return order[:take].split(per_batch)
+
+    def step(batch):
+        return optimizer_step(lambda: method.head.loss(model, bank[batch], labels[batch]), method.optimizer,
+                              cfg.precision, device, scaler)
+    return step, batches

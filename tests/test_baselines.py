@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from so.clip.heads import Features, HeadTask, cosine_logits, text_means
 from so.clip.methods import build_method
 from so.clip.model import build_clip
@@ -185,7 +186,7 @@ def test_clap_penalty_is_the_class_adaptive_one():
             (lambdas * (head.weight - base).pow(2).sum(-1)).mean()
         torch.testing.assert_close(head.loss(model, f, y), expected)
     _, lp, _ = built("lp")
-    assert not lp.head.penalty.any()
+    assert not lp.head.constrained
     assert (type(lp.optimizer).__name__, lp.optimizer.param_groups[0]["lr"], lp.epochs) == ("SGD", 0.1, 300)
 
 
@@ -288,6 +289,8 @@ def test_every_baseline_runs_a_trial_and_a_sweep_resumes(tmp_path):
     assert {m: r["iterations"] for m, r in found.items()} == {  # the authors' epochs at 1 shot, of 8 images in
         "coop": 50, "coop4": 50, "kgcoop": 100, "cocoop": 80, "clip_adapter": 50,  # one batch (CoCoOp's: 1)
         "tip_adapter": 0, "tip_adapter_f": 20, "taskres": 100, "lp": 300, "clap": 300}
+    assert [train.pass_steps(n, 32, drop) for n, drop in ((70, True), (70, False), (20, True), (64, True))] == \
+        [2, 3, 1, 2]  # Dassl's loader drops the last partial batch when there is a full one
     features = sorted(p.stat().st_size > 0 for p in (tmp_path / "cache" / "features").iterdir())
     assert len(features) == 4  # 10 views at 0.08-1 crops, 10 at 0.5-1 (Tip), 20 (the probes), the val split
     from so.clip.adapted import read_run
@@ -302,6 +305,9 @@ def test_every_baseline_runs_a_trial_and_a_sweep_resumes(tmp_path):
     assert result["top1"] == result["zeroshot_top1"], off.stdout
     assert result["fitted"] == {"alpha": 0.0, "beta": 1.0}  # search=fixed: the given values
     assert set(found["tip_adapter_f"]["fitted"]) == {"alpha", "beta"}  # searched on the val split
+    main_py(tmp_path, "dataset=synthetic", "debug=fast", "shots=1", "method=coop4", "optimizer.lr=1e30", "name=nan")
+    (diverged,) = [r for p, r in results(tmp_path).items() if p.startswith("nan/")]
+    assert (diverged["status"], diverged["top1"]) == ("diverged", None) and diverged["diverged_at"] >= 1
 
 
 @pytest.mark.slow
@@ -315,3 +321,31 @@ def test_base_to_novel_needs_a_prompt_learner(tmp_path):
             "base_to_novel=true")
     (result,) = results(tmp_path).values()
     assert result["novel_classes"] == 4 and 0 <= result["novel_top1"] <= 100 and result["hm"] is not None
+
+
+@pytest.mark.parametrize("name, mixed", [("coop", False), ("lp", True)])
+def test_a_pass_takes_one_view_or_draws_from_the_bank(name, mixed):
+    """CoOp's passes shuffle one view's images at a time, the views in turn; CLAP's batches come from
+    the bank of every view's features (3 views x 6 images here)."""
+    from omegaconf import OmegaConf
+
+    model, method, task = built(name, "method.batch_size=4")
+    cfg = OmegaConf.create({"batch_size": 32, "precision": "fp32"})
+    _, batches = train.head_steps(cfg, model, method, torch.device("cpu"), torch.Generator().manual_seed(0), None)
+    for passes in range(4):
+        (batch,) = batches(passes)  # 6 images, batch 4, drop_last: one full batch a pass
+        assert len(batch) == 4 and len(set(batch.tolist())) == 4
+        if not mixed:
+            assert set((batch // 6).tolist()) == {passes % 3}
+    drawn = torch.cat([batches(p)[0] for p in range(30)])
+    assert len(set((drawn // 6).tolist())) == 3 and (len(set((drawn[:4] // 6).tolist())) > 1) == mixed
+
+
+def test_head_logits_are_fp32_under_autocast():
+    model, method, task = built("tip_adapter", "method.search=fixed", "method.alpha=2")
+    f = torch.randn(4, task.train.features.shape[-1])
+    score = model.head.scorer(model, task.prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = score(f.bfloat16())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, score(f.bfloat16().float()))

@@ -17,7 +17,7 @@ geekyutao/TaskRes (trainers/taskres.py), jusiro/CLAP (trainers/adapters.py: ZS-L
 import torch
 import torch.nn.functional as F
 
-from so.clip.heads import ClassHead, cosine_logits, text_means
+from so.clip.heads import ClassHead, cosine_logits, fp32, text_means
 from so.clip.step import LOGIT_SCALE
 
 
@@ -33,7 +33,7 @@ class CLIPAdapter(ClassHead):
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
-        return lambda f: cosine_logits(self.ratio * self.mlp(f.float()) + (1 - self.ratio) * f.float(), self.text)
+        return fp32(lambda f: cosine_logits(self.ratio * self.mlp(f) + (1 - self.ratio) * f, self.text))
 
 
 class TipAdapter(ClassHead):
@@ -62,7 +62,7 @@ class TipAdapter(ClassHead):
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
-        return lambda f: self.combine(*self.parts(f), self.alpha, self.beta)
+        return fp32(lambda f: self.combine(*self.parts(f), self.alpha, self.beta))
 
     @torch.no_grad()
     def after_training(self, model):
@@ -98,7 +98,7 @@ class TaskRes(ClassHead):
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
-        return lambda f: cosine_logits(f.float(), self.base + self.alpha * self.residual)
+        return fp32(lambda f: cosine_logits(f, self.base + self.alpha * self.residual))
 
 
 class LinearProbe(ClassHead):
@@ -107,19 +107,19 @@ class LinearProbe(ClassHead):
         base = text_means(model, task.prompts)
         self.weight = torch.nn.Parameter(base.clone())
         self.register_buffer("base", base, persistent=False)
-        self.register_buffer("penalty", torch.zeros(len(base)), persistent=False)
-        if cfg["constraint"] == "class_adaptive":
-            features, labels = task.train.features.flatten(0, 1), task.train.labels.repeat(len(task.train.features))
-            probs = cosine_logits(features.float(), base).softmax(dim=-1)
-            onehot = F.one_hot(labels, len(base)).float()
-            self.penalty = (probs * onehot).sum(dim=0) / onehot.sum(dim=0)  # lambda_c
+        self.constrained = cfg["constraint"] == "class_adaptive"
+        if self.constrained:  # lambda_c: the class's mean zero-shot probability over its views, a view at a time
+            onehot = F.one_hot(task.train.labels, len(base)).float()
+            with torch.no_grad():
+                mass = sum((cosine_logits(view, base).softmax(dim=-1) * onehot).sum(dim=0) for view in task.train.features)
+            self.register_buffer("penalty", mass / (onehot.sum(dim=0) * len(task.train.features)), persistent=False)
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
-        return lambda f: cosine_logits(f.float(), self.weight)
+        return fp32(lambda f: cosine_logits(f, self.weight))
 
     def loss(self, model, features, labels):
         loss = super().loss(model, features, labels)
-        if self.penalty.any():
+        if self.constrained:
             loss = loss + (self.penalty * (self.weight - self.base).pow(2).sum(dim=-1)).mean()
         return loss

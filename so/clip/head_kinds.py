@@ -3,7 +3,8 @@ only, so that main.py reports a mistake before torch is imported."""
 from so.clip.config import ConfigError, choice, expect
 
 # Keys of every head kind's config: the authors' schedule and the cached views of the train images.
-SCHEDULE_KEYS = ("epochs", "batch_size", "views", "crop_scale", "warmup_epochs", "warmup_lr", "per_dataset")
+SCHEDULE_KEYS = ("epochs", "batch_size", "drop_last", "views", "mix_views", "crop_scale", "warmup_epochs", "warmup_lr",
+                 "per_dataset")
 KIND_KEYS = {"coop": ("n_ctx", "ctx_init", "kg_weight"), "cocoop": ("n_ctx", "ctx_init"),
              "clip_adapter": ("ratio", "reduction"),
              "tip_adapter": ("fine_tune", "search", "alpha", "beta", "search_scale", "search_steps"),
@@ -21,6 +22,8 @@ def check_head(cfg):
            "8: 200}), or null for the protocol's iteration budget")
     expect(cfg["batch_size"] is None or (type(cfg["batch_size"]) is int and cfg["batch_size"] >= 1),
            "method.batch_size", cfg["batch_size"], "an integer >= 1, or null for batch_size")
+    for key in ("drop_last", "mix_views"):
+        choice(f"method.{key}", cfg[key], (True, False))
     for key, low in (("views", 1), ("warmup_epochs", 0)):
         expect(type(cfg[key]) is int and cfg[key] >= low, f"method.{key}", cfg[key], f"an integer >= {low}")
     scale = cfg["crop_scale"]

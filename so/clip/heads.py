@@ -75,8 +75,18 @@ class ClassHead(Head):
 
 
 def cosine_logits(features, weights):
-    """LOGIT_SCALE x the cosine of image features [B, D] and class vectors [C, D]."""
-    return LOGIT_SCALE * F.normalize(features, dim=-1) @ F.normalize(weights, dim=-1).T
+    """LOGIT_SCALE x the cosine of image features [B, D] and class vectors [C, D], in fp32."""
+    with torch.autocast(features.device.type, enabled=False):
+        return LOGIT_SCALE * F.normalize(features.float(), dim=-1) @ F.normalize(weights.float(), dim=-1).T
+
+
+def fp32(fn):
+    """`fn` of image features, run on fp32 features with autocast off: a head on features computes its
+    logits in fp32 under any precision (as Tip-Adapter's search, TaskRes's and CLAP's heads do)."""
+    def run(features):
+        with torch.autocast(features.device.type, enabled=False):
+            return fn(features.float())
+    return run
 
 
 @torch.no_grad()

@@ -55,6 +55,8 @@ class Method:
     batch_size: int | None = None                # its batch, and a constant warm-up of warmup_epochs passes
     warmup_epochs: int = 0                       # at warmup_lr before the cosine (None, 0: the protocol's
     warmup_lr: float = 0.0                       # iteration budget, batch_size and early stop)
+    drop_last: bool = False                      # a head's pass: full batches only (Dassl's loader)
+    mix_views: bool = False                      # a head's batches drawn from all its views' features
 
     @property
     def trainable_params(self) -> int:
@@ -166,6 +168,7 @@ def build_method(cfg, cfg_optimizer, model, seed, task=None):
         method.head = model.head
         method.epochs, method.batch_size = cfg["epochs"], cfg["batch_size"]
         method.warmup_epochs, method.warmup_lr = cfg["warmup_epochs"], cfg["warmup_lr"]
+        method.drop_last, method.mix_views = cfg["drop_last"], cfg["mix_views"]
     if kind == "relora":
         from peft.tuners.lora import LoraLayer
 

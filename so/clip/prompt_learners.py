@@ -91,7 +91,8 @@ class CoCoOp(CoOp):
         embedded = self.prompt_embeddings(model, tokens, ctx)  # [B, C, L, width]
         b, c = embedded.shape[:2]
         text = encode_embeddings(model, embedded.flatten(0, 1), tokens.argmax(dim=-1).repeat(b)).view(b, c, -1)
-        return LOGIT_SCALE * torch.einsum("bd,bcd->bc", image.to(text.dtype), text)
+        with torch.autocast(text.device.type, enabled=False):  # the logits in fp32, as every head's
+            return LOGIT_SCALE * torch.einsum("bd,bcd->bc", image, text.float())
 
     def scorer(self, model, prompts):
         tokens = self.class_tokens(prompts)
