@@ -154,7 +154,7 @@ def describe(config, run_dir):
               "taskres": "a residual on the text classifier", "linear_probe": "a linear probe on image features",
               }.get(method["kind"], method["kind"])
     if method["kind"] == "tip_adapter" and not method["fine_tune"]:
-        trains = "nothing (a cache model of image features)"
+        trains = "nothing: a cache model of image features"
     steps = f", stepped by optimizer={optimizer['name']}" if optimizer["kind"] != "none" else ""
     weights = model["pretrained"] or "random weights"
     return (f"{config['dataset']['name']} {config['shots']}-shot seed {config['seed']}: method={method['name']} "
