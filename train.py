@@ -86,7 +86,7 @@ def train(cfg, model, prompts, method, train_x, device, wandb_run=None, update_c
     done = Outcome()
     window, steps = torch.zeros((), device=device), 0  # the losses since the last curve point
     last = None  # (iteration, loss) of the latest step, checked one step later: no wait on the GPU
-    bar = tqdm(total=total, desc="train", leave=False)
+    bar = tqdm(total=total, desc="train", leave=False, disable=None)  # disable=None: no bar when not a TTY (logs)
     passes = 0
     while done.iterations < total and not (done.stopped_early or done.diverged_at):
         pass_batches = batches(passes)

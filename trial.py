@@ -58,7 +58,7 @@ def evaluate(model, prompts, loader, precision, device, desc, head=None):
         else:
             score = head.scorer(model, prompts)
         correct = total = 0
-        for images, labels in tqdm(loader, desc=desc, leave=False):
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):  # no bar when not a TTY
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             correct += score(model.encode_image(images)).argmax(dim=-1).eq(labels).sum()
             total += labels.numel()
@@ -159,6 +159,8 @@ def run(cfg, parts, run_dir):
                  ", stopped early" if done.stopped_early else "")
         if cfg.save and method.optimizer is not None and not cfg.eval_only:  # after the result is logged,
             save_trained(method, model, run_dir / "trained.pt")  # so that a full disk loses no top-1
+        elif cfg.save and method.optimizer is None:
+            log.warning("save=true: method=%s trains nothing, so there is no trained.pt to write.", method.name)
     if counts is not None:
         counts.save(run_dir / "update_counts.pt")
 

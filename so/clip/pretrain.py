@@ -64,7 +64,7 @@ def train_clip(model, batches, seed, steps, batch_size, lr, warmup, weight_decay
     loss_fn = ClipLoss()
     clip.train()
     start, losses = time.perf_counter(), []
-    for _ in (bar := tqdm(range(steps), desc=f"pretrain {desc}")):
+    for _ in (bar := tqdm(range(steps), desc=f"pretrain {desc}", disable=None)):  # no bar when not a TTY
         images, captions = batches(batch_size, generator)
         image = clip.encode_image((images.float() - mean) / std, normalize=True)
         text = encode_text(clip, tokenize(tokenizer, captions, "cpu"))
