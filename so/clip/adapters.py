@@ -40,10 +40,11 @@ class TipAdapter(ClassHead):
     def __init__(self, cfg, model, task):
         super().__init__(task)
         self.search, self.scale, self.steps = cfg["search"], cfg["search_scale"], cfg["search_steps"]
-        self.trains = cfg["fine_tune"]
+        self.fine_tune = cfg["fine_tune"]
         keys = F.normalize(task.train.features.mean(dim=0), dim=-1)
-        self.keys = torch.nn.Parameter(keys, requires_grad=self.trains) if self.trains else None
-        if not self.trains:
+        if self.fine_tune:  # Tip-Adapter-F: the keys train
+            self.keys = torch.nn.Parameter(keys)
+        else:
             self.register_buffer("cache_keys", keys, persistent=False)
         classes = len(task.prompts.classnames)
         self.register_buffer("values", F.one_hot(task.train.labels, classes).float(), persistent=False)
@@ -55,7 +56,7 @@ class TipAdapter(ClassHead):
     def parts(self, features):
         """(zero-shot logits, cache affinities) of image features."""
         f = F.normalize(features.float(), dim=-1)
-        return LOGIT_SCALE * f @ self.text.T, f @ (self.keys if self.trains else self.cache_keys).T
+        return LOGIT_SCALE * f @ self.text.T, f @ (self.keys if self.fine_tune else self.cache_keys).T
 
     def combine(self, clip_logits, affinity, alpha, beta):
         return clip_logits + alpha * (-beta * (1 - affinity)).exp() @ self.values

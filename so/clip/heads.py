@@ -44,7 +44,8 @@ class HeadTask:
 
 
 class Head(torch.nn.Module):
-    trains = True  # False: nothing to step (Tip-Adapter's cache model)
+    """Scores image features against a class set; a kind defines `scorer`, and `loss` when its paper
+    adds a term to the cross-entropy."""
 
     def __init__(self, task):
         super().__init__()
