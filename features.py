@@ -1,10 +1,10 @@
 """Frozen-image-encoder methods (prompt learners, adapters, probes) train on CLIP's image features:
 each few-shot train image is encoded once per augmented view (Tip-Adapter's "augment epochs"; the
-training loop cycles through the views, one per pass) and the few-shot val split once, under the eval
-transform. The features are cached under <cache_dir>/features/, keyed by the weights, the images, the
-views, the seed, the augmentation and the precision: every method of a sweep cell encodes once.
+training loop takes one view per pass, or, for CLAP, batches from all of them) and the few-shot val
+split once, under the eval transform. The features are cached under <cache_dir>/features/, keyed by
+the weights, the images, the views, the seed, the augmentation and the precision: every method of a
+sweep cell encodes once.
 """
-import hashlib
 import logging
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from datasets.test_cache import key as records_key
 from so.clip.heads import Features, HeadTask
 from so.clip.runtime import autocast, resolve_precision
 from so.clip.step import Prompts
-from so.files import save_atomic
+from so.files import content_key, save_atomic
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # images augmented and encoded at once: the crops are drawn per chunk, so it is fixed
@@ -71,13 +71,10 @@ def encoded(model, records, cache_dir, weights_digest, device, precision, batch_
     """Features of `records`: `views` augmented views seeded with `seed`, or (views None) one view under
     the eval `transform`; from the cache when encoded before. Returns Features on `device`."""
     precision = resolve_precision(precision, device)
-    digest = hashlib.blake2b(digest_size=16)
     how = (f"views={views} seed={seed} crop_from_original={crop_from_original} scale={tuple(crop_scale)}"
-           if views is not None
-           else f"eval {transform!r}")
-    for part in (VERSION, weights_digest, records_key(records, "", ""), how, precision, device.type):
-        digest.update(f"{part}\0".encode())
-    path = Path(cache_dir).expanduser() / "features" / f"{digest.hexdigest()}.pt"
+           if views is not None else f"eval {transform!r}")
+    key = content_key(VERSION, weights_digest, records_key(records, "", ""), how, precision, device.type)
+    path = Path(cache_dir).expanduser() / "features" / f"{key}.pt"
     if views is not None:
         features = cached(path, lambda: train_views(model, records, views, seed, device, precision,
                                                     crop_from_original, crop_scale))

@@ -105,13 +105,18 @@ def checked_config(config, run_dir):
                                 "to the folder that holds the dataset folders (DATASETS.md#layout)")
 
 
+def task_overrides():
+    """The command line's overrides of this run, parsed by Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+
+
 def refuse_added_keys():
     """+key=value adds a key no code reads (and it would enter the trial's identity): refused. Adding a
     config group (+experiment=demo) is fine."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     groups = HydraConfig.get().runtime.choices
-    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+    for override in task_overrides():
         if (override.is_add() or override.is_force_add()) and override.key_or_group not in groups:
             raise ConfigError(f"{override.input_line}: adds the key {override.key_or_group!r}, which nothing reads; "
                               "set a key that exists without '+' (python main.py dataset=<name> --cfg job lists them).")
@@ -122,12 +127,9 @@ def per_dataset_settings(cfg):
     into `cfg`, but the keys given on the command line; returns what was written."""
     if not cfg.method.get("per_dataset"):
         return {}
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from so.clip.head_kinds import apply_per_dataset
 
-    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))}
-    return apply_per_dataset(cfg, given)
+    return apply_per_dataset(cfg, {o.key_or_group for o in task_overrides()})
 
 
 def check_parts(config):

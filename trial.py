@@ -5,7 +5,6 @@ run_dir/results.json: the trial's key, status (finished or diverged), zero-shot 
 iterations, train seconds, trainable parameters, peak GPU memory and the resolved config. With
 base_to_novel, training and `top1` are on the base classes, and the novel classes are evaluated too.
 """
-import hashlib
 import json
 import logging
 import random
@@ -28,7 +27,7 @@ from so.clip.runtime import autocast, resolve_precision
 from so.clip.step import Prompts
 from so.clip.tracking import start_run
 from so.clip.updates import UpdateCounts
-from so.files import finite, write_json_atomic
+from so.files import content_key, finite, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +85,9 @@ def zeroshot_eval(parts, prompts, records, loader, cfg, desc):
     the test records (and their files' size and time), the prompts, the transform, the precision and
     the device type key a result under <cache_dir>/zeroshot/, which every later trial reuses."""
     precision = resolve_precision(cfg.precision, parts.device)
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (parts.weights_digest, test_key(records, parts.eval_transform, ""), precision, parts.device.type):
-        digest.update(f"{part}\0".encode())
-    digest.update(prompts.tokens.cpu().numpy().tobytes())
-    path = Path(cfg.paths.cache_dir).expanduser() / "zeroshot" / f"{digest.hexdigest()}.json"
+    key = content_key(parts.weights_digest, test_key(records, parts.eval_transform, ""), precision, parts.device.type,
+                      prompts.tokens.cpu().numpy().tobytes())
+    path = Path(cfg.paths.cache_dir).expanduser() / "zeroshot" / f"{key}.json"
     if path.is_file():
         top1 = json.loads(path.read_text())["top1"]
         log.info("%s: top-1 %.2f reused from %s (the same weights, images, prompts and precision).", desc, top1, path)

@@ -4,12 +4,14 @@
   (or a crash, or a full disk) never leaves a partial file; files get the umask's permissions.
   JSON is strict: non-finite floats are written as null.
 - `remove_stale_temporaries`: what a write killed mid-way left behind.
+- `content_key`: the hex digest that names a cache file after what its content depends on.
 - `RunLock`: an flock on <folder>/.lock (never through a symbolic link); the kernel drops it when its
   process dies, so a killed trial never blocks a re-run.
 Standard library only (torch is imported by save_atomic when it is called): datasets/ and the CLIP
 harness both use it, and neither needs the optimizer for it.
 """
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -21,6 +23,14 @@ from pathlib import Path
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 TMP_SUFFIX = ".tmp"
+
+
+def content_key(*parts):
+    """A 32-hex-digit digest of `parts`: bytes as they are, anything else as its str and a NUL."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else f"{part}\0".encode())
+    return digest.hexdigest()
 
 
 def write_atomic(path, data):

@@ -349,3 +349,14 @@ def test_head_logits_are_fp32_under_autocast():
         low = score(f.bfloat16())
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, score(f.bfloat16().float()))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tip_adapter method.alpha=true", "method.alpha=True: expected a number >= 0"),
+    ("clip_adapter method.ratio=1.5", r"method.ratio=1.5: expected a number in \[0, 1\]"),
+    ("coop method.n_ctx=0", "method.n_ctx=0: expected an integer >= 1"),
+    ("coop method.batch_size=0", "method.batch_size=0: expected an integer >= 1, or null"),
+])
+def test_a_head_value_that_cannot_work_is_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        built(*override.split())

@@ -17,7 +17,7 @@ geekyutao/TaskRes (trainers/taskres.py), jusiro/CLAP (trainers/adapters.py: ZS-L
 import torch
 import torch.nn.functional as F
 
-from so.clip.heads import ClassHead, cosine_logits, fp32, text_means
+from so.clip.heads import ClassHead, cosine_logits, fp32, text_means, zero_shot_weights
 from so.clip.step import LOGIT_SCALE
 
 
@@ -28,8 +28,7 @@ class CLIPAdapter(ClassHead):
         self.ratio = cfg["ratio"]
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim // cfg["reduction"], bias=False), torch.nn.ReLU(),
                                        torch.nn.Linear(dim // cfg["reduction"], dim, bias=False), torch.nn.ReLU())
-        with torch.no_grad():
-            self.register_buffer("text", task.prompts.embeddings(model).float(), persistent=False)
+        self.register_buffer("text", zero_shot_weights(model, task.prompts), persistent=False)
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
@@ -48,8 +47,7 @@ class TipAdapter(ClassHead):
             self.register_buffer("cache_keys", keys, persistent=False)
         classes = len(task.prompts.classnames)
         self.register_buffer("values", F.one_hot(task.train.labels, classes).float(), persistent=False)
-        with torch.no_grad():
-            self.register_buffer("text", task.prompts.embeddings(model).float(), persistent=False)
+        self.register_buffer("text", zero_shot_weights(model, task.prompts), persistent=False)
         self.register_buffer("alpha", torch.tensor(float(cfg["alpha"])))
         self.register_buffer("beta", torch.tensor(float(cfg["beta"])))
 
@@ -58,12 +56,16 @@ class TipAdapter(ClassHead):
         f = F.normalize(features.float(), dim=-1)
         return LOGIT_SCALE * f @ self.text.T, f @ (self.keys if self.fine_tune else self.cache_keys).T
 
-    def combine(self, clip_logits, affinity, alpha, beta):
-        return clip_logits + alpha * (-beta * (1 - affinity)).exp() @ self.values
+    def cache_logits(self, affinity, beta):
+        return (-beta * (1 - affinity)).exp() @ self.values
 
     def scorer(self, model, prompts):
         self.same_classes(prompts)
-        return fp32(lambda f: self.combine(*self.parts(f), self.alpha, self.beta))
+
+        def logits(f):
+            clip_logits, affinity = self.parts(f)
+            return clip_logits + self.alpha * self.cache_logits(affinity, self.beta)
+        return fp32(logits)
 
     @torch.no_grad()
     def after_training(self, model):
@@ -78,7 +80,7 @@ class TipAdapter(ClassHead):
         alphas = [j * (self.scale[1] - 0.1) / self.steps[1] + 0.1 for j in range(self.steps[1])]
         best = (-1.0, self.alpha.item(), self.beta.item())
         for beta in betas:
-            cache = (-beta * (1 - affinity)).exp() @ self.values
+            cache = self.cache_logits(affinity, beta)
             for alpha in alphas:
                 top1 = (clip_logits + alpha * cache).argmax(dim=-1).eq(val.labels).float().mean().item()
                 if top1 > best[0]:

@@ -22,6 +22,13 @@ def integer(key, value, low, allow_none=False):
            f"an integer >= {low}{', or null' if allow_none else ''}")
 
 
+def number(key, value, low, high=None, note=""):
+    """A real number (not a bool) >= low, or in [low, high]."""
+    expect(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+           and (high is None or value <= high), key, value,
+           f"a number {f'>= {low}' if high is None else f'in [{low}, {high}]'}{note}")
+
+
 def choice(key, value, choices):
     expect(value in choices and type(value) is type(choices[0]), key, value,
            f"one of {', '.join(map(str, choices))}")

@@ -1,6 +1,6 @@
 """The head kinds' config keys and their checks (so/clip/heads.py builds the heads): standard library
 only, so that main.py reports a mistake before torch is imported."""
-from so.clip.config import ConfigError, choice, expect
+from so.clip.config import ConfigError, choice, expect, integer, number
 
 # Keys of every head kind's config: the authors' schedule and the cached views of the train images.
 SCHEDULE_KEYS = ("epochs", "batch_size", "drop_last", "views", "mix_views", "crop_scale", "warmup_epochs", "warmup_lr",
@@ -20,45 +20,40 @@ def check_head(cfg):
                                                     for k, v in epochs.items()))
     expect(ok, "method.epochs", epochs, "an integer >= 0, a map {from this many shots: epochs} (e.g. {1: 50, 2: 100, "
            "8: 200}), or null for the protocol's iteration budget")
-    expect(cfg["batch_size"] is None or (type(cfg["batch_size"]) is int and cfg["batch_size"] >= 1),
-           "method.batch_size", cfg["batch_size"], "an integer >= 1, or null for batch_size")
+    integer("method.batch_size", cfg["batch_size"], 1, allow_none=True)
     for key in ("drop_last", "mix_views"):
         choice(f"method.{key}", cfg[key], (True, False))
-    for key, low in (("views", 1), ("warmup_epochs", 0)):
-        expect(type(cfg[key]) is int and cfg[key] >= low, f"method.{key}", cfg[key], f"an integer >= {low}")
+    integer("method.views", cfg["views"], 1)
+    integer("method.warmup_epochs", cfg["warmup_epochs"], 0)
     scale = cfg["crop_scale"]
     expect(isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
            and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale, "[low, high] with 0 < low <= high <= 1")
-    expect(isinstance(cfg["warmup_lr"], (int, float)) and cfg["warmup_lr"] > 0, "method.warmup_lr",
-           cfg["warmup_lr"], "a number > 0")
+    expect(isinstance(cfg["warmup_lr"], (int, float)) and not isinstance(cfg["warmup_lr"], bool)
+           and cfg["warmup_lr"] > 0, "method.warmup_lr", cfg["warmup_lr"], "a number > 0")
     per_dataset = cfg["per_dataset"]
     expect(per_dataset is None or (isinstance(per_dataset, dict) and all(isinstance(v, dict) for v in per_dataset.values())),
            "method.per_dataset", per_dataset, "{dataset name: {key: value}}, or null")
     kind = cfg["kind"]
     if kind in PROMPT_LEARNERS:
-        expect(type(cfg["n_ctx"]) is int and cfg["n_ctx"] >= 1, "method.n_ctx", cfg["n_ctx"], "an integer >= 1")
+        integer("method.n_ctx", cfg["n_ctx"], 1)
         expect(cfg["ctx_init"] is None or (isinstance(cfg["ctx_init"], str) and cfg["ctx_init"].strip()),
                "method.ctx_init", cfg["ctx_init"], "words that start every prompt, or null for random context")
     if kind == "coop":
-        expect(isinstance(cfg["kg_weight"], (int, float)) and cfg["kg_weight"] >= 0, "method.kg_weight",
-               cfg["kg_weight"], "a number >= 0 (0: CoOp; KgCoOp's is 8)")
+        number("method.kg_weight", cfg["kg_weight"], 0, note=" (0: CoOp; KgCoOp's is 8)")
     if kind == "clip_adapter":
-        expect(isinstance(cfg["ratio"], (int, float)) and 0 <= cfg["ratio"] <= 1, "method.ratio", cfg["ratio"],
-               "a number in [0, 1]")
-        expect(type(cfg["reduction"]) is int and cfg["reduction"] >= 1, "method.reduction", cfg["reduction"],
-               "an integer >= 1")
+        number("method.ratio", cfg["ratio"], 0, 1)
+        integer("method.reduction", cfg["reduction"], 1)
     if kind == "tip_adapter":
         choice("method.fine_tune", cfg["fine_tune"], (True, False))
         choice("method.search", cfg["search"], ("val", "fixed"))
         for key in ("alpha", "beta"):
-            expect(isinstance(cfg[key], (int, float)) and cfg[key] >= 0, f"method.{key}", cfg[key], "a number >= 0")
+            number(f"method.{key}", cfg[key], 0)
         for key, kind_of in (("search_scale", (int, float)), ("search_steps", int)):
             value = cfg[key]
             expect(isinstance(value, list) and len(value) == 2 and all(isinstance(v, kind_of) and v > 0 for v in value),
                    f"method.{key}", value, "[for beta, for alpha], two positive numbers")
     if kind == "taskres":
-        expect(isinstance(cfg["alpha"], (int, float)) and cfg["alpha"] >= 0, "method.alpha", cfg["alpha"],
-               "a number >= 0")
+        number("method.alpha", cfg["alpha"], 0)
     if kind == "linear_probe":
         choice("method.constraint", cfg["constraint"], ("none", "class_adaptive"))
 

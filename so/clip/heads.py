@@ -91,6 +91,12 @@ def fp32(fn):
 
 
 @torch.no_grad()
+def zero_shot_weights(model, prompts):
+    """[C, D] zero-shot CLIP's classifier of `prompts` (normalised class embeddings), fp32."""
+    return prompts.embeddings(model).float()
+
+
+@torch.no_grad()
 def text_means(model, prompts):
     """[C, D] per class, the raw (unnormalised) mean of its templates' text features: TaskRes's and
     CLAP's base classifier."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from so.clip.config import ConfigError
-from so.clip.heads import Head, cosine_logits
+from so.clip.heads import Head, cosine_logits, zero_shot_weights
 from so.clip.model import encode_embeddings, tokenize
 from so.clip.step import LOGIT_SCALE
 
@@ -35,9 +35,8 @@ class CoOp(Head):
             with torch.no_grad():
                 ctx = model.token_embedding(tokens[None].to(model.token_embedding.weight.device))[0, 1:1 + words]
         self.ctx = torch.nn.Parameter(ctx.detach().clone().float())
-        if self.kg_weight:
-            with torch.no_grad():
-                self.register_buffer("anchor", task.prompts.embeddings(model).float(), persistent=False)
+        if self.kg_weight:  # KgCoOp's anchor: the hand-crafted prompts' class embeddings
+            self.register_buffer("anchor", zero_shot_weights(model, task.prompts), persistent=False)
 
     def class_tokens(self, prompts):
         """Tokens of "<placeholder context> <class name>." per class of `prompts`, on its device."""
@@ -79,7 +78,7 @@ class CoCoOp(CoOp):
     CHUNK = 4096  # prompts through the text tower at once when scoring (images x classes)
 
     def __init__(self, cfg, model, task):
-        super().__init__(cfg | {"kg_weight": 0}, model, task)
+        super().__init__(cfg, model, task)  # no kg_weight key: CoOp's context alone
         dim, width = task.train.features.shape[-1], self.ctx.shape[1]
         self.meta_net = torch.nn.Sequential(torch.nn.Linear(dim, dim // 16), torch.nn.ReLU(inplace=True),
                                             torch.nn.Linear(dim // 16, width))
